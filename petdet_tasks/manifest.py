@@ -1,0 +1,388 @@
+"""The idempotency protocol: fingerprinted prefixes, a lease, and ``_MANIFEST.json`` written last.
+
+:func:`run_step` is how every step publishes output:
+
+1. Compute the fingerprint → prefix. If ``<prefix>_MANIFEST.json`` exists (and ``force`` is off)
+   log a cache hit and return the recorded outputs: no work, no upload.
+2. Take the prefix's lease (``_LEASE.json``, a create-only put). A writer that finds a live
+   lease waits for the holder's manifest and returns it as a cache hit; a lease whose holder
+   stopped renewing it (the process died) is taken over with a compare-and-swap on its ETag.
+   So two writers racing for one prefix end with one complete, consistent output — the second
+   never writes a byte.
+3. A prefix without a manifest is incomplete: nobody reads it; the new holder deletes what is
+   there (unless the step resumes from it, as training does) and writes afresh.
+4. The step body writes its files through :class:`StepWriter`, which records size + sha256.
+5. Verify: every recorded file is listed in the store with its size.
+6. Write the manifest with a create-only put — last — then drop the lease. A failure anywhere
+   before that leaves no manifest: the output does not exist for anyone.
+
+The manifest records every file (size, sha256), the config, the input fingerprints, the code
+version, the writer and timings, plus the step's small JSON ``outputs``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from petdet_tasks import __version__
+from petdet_tasks.layout import (
+    canonical_json,
+    fingerprint,
+    lease_key,
+    manifest_key,
+    split_output_uri,
+    step_prefix,
+)
+from petdet_tasks.store import (
+    FileEntry,
+    NotFound,
+    PreconditionFailed,
+    Store,
+    StoreError,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_TTL_S = 120.0
+DEFAULT_WAIT_TIMEOUT_S = 6 * 3600.0
+
+
+class LeaseLost(StoreError):
+    """Another writer took this prefix's lease while we were writing; nothing was committed."""
+
+
+
+@dataclass
+class StepResult:
+    """What a step returns (and what its operator pushes to XCom, via :meth:`to_xcom`)."""
+
+    step: str
+    uri: str
+    fingerprint: str
+    cache_hit: bool
+    manifest: dict
+
+    @property
+    def outputs(self) -> dict:
+        return self.manifest.get("outputs", {})
+
+    def to_xcom(self) -> dict:
+        """Small JSON: URI, fingerprint, cache flag and the step's few summary numbers."""
+        return {
+            "step": self.step,
+            "uri": self.uri,
+            "fingerprint": self.fingerprint,
+            "cache_hit": self.cache_hit,
+            **self.outputs,
+        }
+
+
+@dataclass
+class StepWriter:
+    """Handed to a step body: writes files under the prefix and records them for the manifest."""
+
+    store: Store
+    prefix: str
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _lease: _Lease | None = field(default=None, repr=False)
+
+    def uri(self, rel: str = "") -> str:
+        return self.store.uri(self.prefix + rel)
+
+    def _record(self, rel: str, entry: FileEntry) -> FileEntry:
+        self._check_lease()
+        with self._lock:
+            self.files[rel] = entry
+        return entry
+
+    def _check_lease(self) -> None:
+        if self._lease is not None and self._lease.lost.is_set():
+            raise LeaseLost(
+                f"lease on {self.uri()} was taken over by another writer; stopping without "
+                "committing"
+            )
+
+    def put_file(self, rel: str, path: str | os.PathLike) -> FileEntry:
+        self._check_rel(rel)
+        self._check_lease()
+        return self._record(rel, self.store.put_file(self.prefix + rel, path))
+
+    def put_bytes(self, rel: str, data: bytes) -> FileEntry:
+        import hashlib
+
+        self._check_rel(rel)
+        self._check_lease()
+        self.store.put_bytes(self.prefix + rel, data)
+        return self._record(rel, FileEntry(len(data), hashlib.sha256(data).hexdigest()))
+
+    def put_json(self, rel: str, value: Any) -> FileEntry:
+        return self.put_bytes(rel, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+    def put_tree(self, local_dir: str | os.PathLike, rel_prefix: str = "", *,
+                 workers: int = 8) -> int:
+        """Upload every file under ``local_dir`` (in parallel); returns the count."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        base = Path(local_dir)
+        paths = sorted(p for p in base.rglob("*") if p.is_file())
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(lambda p: self.put_file(rel_prefix + p.relative_to(base).as_posix(),
+                                                  p), paths))
+        return len(paths)
+
+    @staticmethod
+    def _check_rel(rel: str) -> None:
+        if rel.startswith("_MANIFEST") or rel.startswith("_LEASE"):
+            raise ValueError(f"{rel!r} is reserved for the commit protocol")
+
+
+class _Lease:
+    """A renewable, expiring claim on a prefix, kept in ``<prefix>_LEASE.json``."""
+
+    def __init__(self, store: Store, prefix: str, ttl_s: float, run_id: str | None):
+        self.store = store
+        self.key = lease_key(prefix)
+        self.ttl_s = ttl_s
+        self.owner = {
+            "id": uuid.uuid4().hex,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "run_id": run_id,
+        }
+        self.etag: str | None = None
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        now = time.time()
+        return canonical_json({**self.owner, "renewed_at": now, "expires_at": now + self.ttl_s}
+                              ).encode()
+
+    def try_acquire(self) -> dict | None:
+        """Acquire; returns None on success, else the current holder's lease record."""
+        try:
+            self.etag = self.store.put_bytes(self.key, self._body(), if_absent=True)
+            return None
+        except PreconditionFailed:
+            pass
+        try:
+            data, etag = self.store.get_bytes(self.key)
+        except NotFound:
+            return {"expires_at": 0, "id": None, "released": True}  # released meanwhile: retry
+        holder = json.loads(data)
+        if holder.get("expires_at", 0) < time.time():
+            try:
+                self.etag = self.store.put_bytes(self.key, self._body(), if_match=etag)
+                log.warning(
+                    "took over the expired lease on %s from %s (pid %s on %s, run %s)",
+                    self.store.uri(self.key), holder.get("id"), holder.get("pid"),
+                    holder.get("host"), holder.get("run_id"),
+                )
+                return None
+            except (PreconditionFailed, NotFound):
+                return {"expires_at": 0, "id": None, "released": True}
+        return holder
+
+    def start_renewing(self) -> None:
+        self._thread = threading.Thread(target=self._renew_loop, name="petdet-lease", daemon=True)
+        self._thread.start()
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self.etag = self.store.put_bytes(self.key, self._body(), if_match=self.etag)
+            except (PreconditionFailed, NotFound):
+                log.error("lost the lease on %s to another writer", self.store.uri(self.key))
+                self.lost.set()
+                return
+            except StoreError as e:  # transient: keep trying until the lease would expire
+                log.warning("could not renew the lease on %s: %s", self.store.uri(self.key), e)
+
+    def still_held(self) -> bool:
+        if self.lost.is_set():
+            return False
+        try:
+            data, _ = self.store.get_bytes(self.key)
+        except NotFound:
+            return False
+        return json.loads(data).get("id") == self.owner["id"]
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if not self.lost.is_set() and self.still_held():
+            self.store.delete(self.key)
+
+
+def read_manifest(store: Store, prefix: str) -> dict | None:
+    """The committed manifest of a prefix, or None if the prefix is absent or incomplete."""
+    try:
+        data, _ = store.get_bytes(manifest_key(prefix))
+    except NotFound:
+        return None
+    return json.loads(data)
+
+
+def load_output(store: Store, uri: str, *, expect_step: str | None = None) -> StepResult:
+    """A committed output by URI (as passed between steps); a clear error if incomplete."""
+    root, step, fp = split_output_uri(uri)
+    if expect_step is not None and step != expect_step:
+        raise ValueError(f"{uri} is a {step!r} output, expected a {expect_step!r} output")
+    if root.rstrip("/") != store.root.rstrip("/"):
+        raise ValueError(f"{uri} is not under the store root {store.root}")
+    prefix = step_prefix(step, fp)
+    manifest = read_manifest(store, prefix)
+    if manifest is None:
+        raise StoreError(f"{uri} has no {manifest_key('')}: the output is incomplete or absent")
+    return StepResult(step, uri, fp, True, manifest)
+
+
+def run_step(
+    store: Store,
+    step: str,
+    schema_version: int,
+    *,
+    inputs: dict[str, str],
+    config: dict,
+    body: Callable[[StepWriter], dict],
+    force: bool = False,
+    resume: bool = False,
+    fp: str | None = None,
+    lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
+    wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
+    poll_s: float | None = None,
+    run_id: str | None = None,
+    extra_manifest: dict | None = None,
+) -> StepResult:
+    """Run ``body`` under the commit protocol (module doc) and return the committed result.
+
+    :param inputs: input name → fingerprint or digest (part of the fingerprint).
+    :param config: the config fields that change the output (part of the fingerprint).
+    :param body: writes files through the StepWriter, returns small JSON ``outputs``.
+    :param force: recompute even if a manifest exists (the old manifest is removed first).
+    :param resume: keep what an earlier incomplete attempt left under the prefix (training).
+    :param fp: a precomputed fingerprint (must equal ``fingerprint(step, ...)`` of the same
+        arguments; given when the caller needed it before calling).
+    """
+    fp = fp or fingerprint(step, schema_version, inputs, config)
+    prefix = step_prefix(step, fp)
+    uri = store.uri(prefix.rstrip("/"))
+    poll_s = poll_s if poll_s is not None else min(5.0, max(0.05, lease_ttl_s / 10))
+
+    if not force:
+        manifest = read_manifest(store, prefix)
+        if manifest is not None:
+            log.info("cache hit: %s %s is complete (%d files); nothing to do", step, uri,
+                     len(manifest.get("files", {})))
+            return StepResult(step, uri, fp, True, manifest)
+
+    lease = _Lease(store, prefix, lease_ttl_s, run_id)
+    waited_since = time.monotonic()
+    announced = False
+    while True:
+        holder = lease.try_acquire()
+        if holder is None:
+            break
+        if not force:
+            manifest = read_manifest(store, prefix)
+            if manifest is not None:
+                log.info("cache hit: %s %s was completed by another writer", step, uri)
+                return StepResult(step, uri, fp, True, manifest)
+        if holder.get("released"):
+            continue
+        if not announced:
+            log.info("%s is being written by %s (pid %s on %s, run %s); waiting for it",
+                     uri, holder.get("id"), holder.get("pid"), holder.get("host"),
+                     holder.get("run_id"))
+            announced = True
+        if time.monotonic() - waited_since > wait_timeout_s:
+            raise StoreError(
+                f"gave up after {wait_timeout_s:.0f}s waiting for {uri}: still leased by "
+                f"{holder.get('id')} (pid {holder.get('pid')} on {holder.get('host')})"
+            )
+        time.sleep(poll_s)
+
+    lease.start_renewing()
+    started = time.time()
+    try:
+        existing = read_manifest(store, prefix)
+        if existing is not None and not force:
+            log.info("cache hit: %s %s was completed by another writer", step, uri)
+            return StepResult(step, uri, fp, True, existing)
+        if existing is not None:
+            log.info("force: recomputing %s (removing its manifest first)", uri)
+            store.delete(manifest_key(prefix))
+        if not resume:
+            stale = store.delete_prefix(prefix, keep=frozenset({lease_key(prefix)}))
+            if stale:
+                log.warning("%s was incomplete (no manifest): removed %d leftover files",
+                            uri, stale)
+        writer = StepWriter(store, prefix, _lease=lease)
+        outputs = body(writer)
+        if not isinstance(outputs, dict):
+            raise TypeError(f"step {step!r} body returned {type(outputs).__name__}, expected dict")
+        canonical_json(outputs)  # outputs must be plain JSON
+
+        _verify(store, prefix, writer.files)
+        if not lease.still_held():
+            raise LeaseLost(f"lease on {uri} was lost before commit; nothing was committed")
+        finished = time.time()
+        manifest = {
+            "step": step,
+            "schema_version": schema_version,
+            "fingerprint": fp,
+            "uri": uri,
+            "inputs": inputs,
+            "config": config,
+            "outputs": outputs,
+            "files": {k: v.to_json() for k, v in sorted(writer.files.items())},
+            "code_version": __version__,
+            "writer": lease.owner,
+            "timings": {
+                "started_at": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
+                "finished_at": datetime.fromtimestamp(finished, UTC).isoformat(timespec="seconds"),
+                "seconds": round(finished - started, 3),
+            },
+            **(extra_manifest or {}),
+        }
+        try:
+            store.put_bytes(manifest_key(prefix),
+                            (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(),
+                            if_absent=True)
+        except PreconditionFailed as e:
+            raise LeaseLost(f"{uri} was committed by another writer while we held the lease"
+                            ) from e
+        log.info("committed %s: %d files in %.1fs", uri, len(writer.files), finished - started)
+        return StepResult(step, uri, fp, False, manifest)
+    finally:
+        lease.release()
+
+
+def _verify(store: Store, prefix: str, files: dict[str, FileEntry]) -> None:
+    """Every recorded file is in the store with its recorded size (tfx-style post-check)."""
+    listed = {o.key[len(prefix):]: o.size for o in store.list(prefix)}
+    problems = []
+    for rel, entry in files.items():
+        if rel not in listed:
+            problems.append(f"{rel}: missing")
+        elif listed[rel] != entry.size:
+            problems.append(f"{rel}: size {listed[rel]}, expected {entry.size}")
+    if problems:
+        raise StoreError(
+            f"verification of {store.uri(prefix)} failed before commit: " + "; ".join(problems[:10])
+            + (f" (+{len(problems) - 10} more)" if len(problems) > 10 else "")
+        )

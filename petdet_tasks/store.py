@@ -1,0 +1,474 @@
+"""Object storage: one small interface, two backends (S3 over boto3, a local directory).
+
+Every petdet step reads and writes through a :class:`Store` rooted at a URI:
+
+* ``s3://bucket/prefix`` — :class:`S3Store`. The boto3 client comes from the standard AWS
+  environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+  ``AWS_DEFAULT_REGION``, profiles, ...) unless the caller passes one (inside Airflow it is the
+  Amazon provider's ``S3Hook(...).get_conn()``).
+* a local path or ``file://`` URL — :class:`LocalStore`.
+
+Keys are POSIX paths relative to the root. Both backends give the same guarantees:
+
+* an object is never visible half-written (S3 puts are atomic; locally a temp file in the
+  store's own ``.petdet/tmp`` is renamed into place);
+* ``put_bytes(..., if_absent=True)`` is a create-only put (S3 ``IfNoneMatch="*"``, locally a
+  hard link that fails when the name exists) and ``if_match=etag`` a compare-and-swap; the
+  loser gets :class:`PreconditionFailed`;
+* large files stream in bounded memory (multipart uploads on S3) and every upload/download
+  reports the size and sha256 of what was moved; downloads verify a given sha256.
+
+Credentials are never part of a store's ``repr``, its URIs, or its error messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+HASH_CHUNK = 1 << 20
+_INTERNAL = ".petdet"  # LocalStore's own temp/lock area; never listed
+
+
+class StoreError(RuntimeError):
+    """A storage operation failed; the message names the URI."""
+
+
+class NotFound(StoreError, KeyError):
+    """The key does not exist."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class PreconditionFailed(StoreError):
+    """A create-only put found the key present, or a compare-and-swap saw another ETag."""
+
+
+class ChecksumError(StoreError):
+    """Downloaded bytes do not have the sha256 the caller expected."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """What the manifest records for one file."""
+
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict:
+        return {"size": self.size, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+def sha256_file(path: str | os.PathLike) -> FileEntry:
+    """Size and sha256 of a local file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return FileEntry(size=size, sha256=h.hexdigest())
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or "\\" in key:
+        raise ValueError(f"invalid store key {key!r}: expected a relative POSIX path")
+    parts = key.split("/")
+    if any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in (".", ".."):
+        raise ValueError(f"invalid store key {key!r}: empty, '.' or '..' component")
+    if parts[0] == _INTERNAL:
+        raise ValueError(f"invalid store key {key!r}: {_INTERNAL}/ is reserved")
+    return key
+
+
+class Store(ABC):
+    """The storage interface every step uses. Keys are relative to :attr:`root`."""
+
+    root: str
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.root!r})"
+
+    def uri(self, key: str = "") -> str:
+        """Absolute URI of ``key`` (or of the root), safe to log and to pass in XCom."""
+        return self.root.rstrip("/") + ("/" + key if key else "")
+
+    @abstractmethod
+    def put_file(self, key: str, path: str | os.PathLike) -> FileEntry:
+        """Upload a local file (streamed); returns its size and sha256."""
+
+    @abstractmethod
+    def put_bytes(
+        self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> str:
+        """Write a small object; returns its ETag. See the module doc for the conditions."""
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> tuple[bytes, str]:
+        """(content, etag) of a small object; :class:`NotFound` if absent."""
+
+    @abstractmethod
+    def _download(self, key: str, tmp_path: Path) -> None:
+        """Copy the object to a local temp path (no verification)."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix`` (recursive, sorted by key)."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete one object; deleting a missing key is not an error."""
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.get_bytes(key)
+        except NotFound:
+            return False
+        return True
+
+    def read_text(self, key: str) -> str:
+        return self.get_bytes(key)[0].decode("utf-8")
+
+    def download_file(
+        self, key: str, path: str | os.PathLike, *, sha256: str | None = None
+    ) -> FileEntry:
+        """Download to ``path`` atomically; with ``sha256`` a mismatch raises and writes nothing."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            self._download(key, tmp_path)
+            entry = sha256_file(tmp_path)
+            if sha256 is not None and entry.sha256 != sha256:
+                raise ChecksumError(
+                    f"checksum mismatch for {self.uri(key)}: expected sha256 {sha256}, "
+                    f"got {entry.sha256} ({entry.size} bytes)"
+                )
+            os.replace(tmp_path, path)
+            return entry
+        finally:
+            tmp_path.unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str, *, keep: frozenset[str] = frozenset()) -> int:
+        """Delete every object under ``prefix`` except the keys in ``keep``; returns the count."""
+        if not prefix.endswith("/"):
+            raise ValueError(f"delete_prefix needs a folder prefix ending in '/', got {prefix!r}")
+        n = 0
+        for obj in list(self.list(prefix)):
+            if obj.key not in keep:
+                self.delete(obj.key)
+                n += 1
+        return n
+
+
+class LocalStore(Store):
+    """A directory used as an object store (the embedded default and the demo)."""
+
+    def __init__(self, root: str | os.PathLike):
+        path = Path(str(root).removeprefix("file://")).expanduser().resolve()
+        self.path = path
+        self.root = str(path)
+        self._tmp = path / _INTERNAL / "tmp"
+        self._locks = path / _INTERNAL / "locks"
+
+    def _p(self, key: str) -> Path:
+        return self.path / _check_key(key)
+
+    def _tmpfile(self) -> Path:
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        return self._tmp / uuid.uuid4().hex
+
+    @contextlib.contextmanager
+    def _key_lock(self, key: str) -> Iterator[None]:
+        self._locks.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()
+        with open(self._locks / name, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _etag(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    def put_file(self, key: str, path: str | os.PathLike) -> FileEntry:
+        dest = self._p(key)
+        tmp = self._tmpfile()
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with open(path, "rb") as src, open(tmp, "wb") as out:
+                while chunk := src.read(HASH_CHUNK):
+                    h.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return FileEntry(size=size, sha256=h.hexdigest())
+
+    def put_bytes(
+        self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> str:
+        dest = self._p(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmpfile()
+        try:
+            tmp.write_bytes(data)
+            with self._key_lock(key):
+                if if_absent:
+                    try:
+                        os.link(tmp, dest)  # atomic create-only, content already complete
+                    except FileExistsError:
+                        raise PreconditionFailed(f"{self.uri(key)} already exists") from None
+                elif if_match is not None:
+                    try:
+                        current = self._etag(dest.read_bytes())
+                    except FileNotFoundError:
+                        raise PreconditionFailed(f"{self.uri(key)} no longer exists") from None
+                    if current != if_match:
+                        raise PreconditionFailed(
+                            f"{self.uri(key)} changed: expected ETag {if_match}, found {current}"
+                        )
+                    os.replace(tmp, dest)
+                else:
+                    os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return self._etag(data)
+
+    def get_bytes(self, key: str) -> tuple[bytes, str]:
+        try:
+            data = self._p(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(f"{self.uri(key)} does not exist") from None
+        return data, self._etag(data)
+
+    def exists(self, key: str) -> bool:
+        return self._p(key).is_file()
+
+    def _download(self, key: str, tmp_path: Path) -> None:
+        try:
+            shutil.copyfile(self._p(key), tmp_path)
+        except (FileNotFoundError, IsADirectoryError):
+            raise NotFound(f"{self.uri(key)} does not exist") from None
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        if not self.path.is_dir():
+            return
+        start = self.path
+        # walk only the folder the prefix names, then filter by the full prefix
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        if folder:
+            start = self.path / folder
+            if not start.is_dir():
+                return
+        found = []
+        for dirpath, dirnames, filenames in os.walk(start):
+            rel_dir = os.path.relpath(dirpath, self.path)
+            if rel_dir == ".":
+                dirnames[:] = [d for d in dirnames if d != _INTERNAL]
+                rel_dir = ""
+            for name in filenames:
+                key = f"{rel_dir}/{name}" if rel_dir else name
+                if key.startswith(prefix):
+                    found.append(ObjectInfo(key, os.path.getsize(os.path.join(dirpath, name))))
+        yield from sorted(found, key=lambda o: o.key)
+
+    def delete(self, key: str) -> None:
+        p = self._p(key)
+        p.unlink(missing_ok=True)
+        # prune empty parent folders so a deleted prefix leaves nothing behind
+        parent = p.parent
+        while parent != self.path:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+
+class S3Store(Store):
+    """``s3://bucket/prefix`` over a boto3 client (thread-safe; used from worker threads)."""
+
+    MULTIPART_THRESHOLD = 64 << 20
+    MULTIPART_CHUNK = 16 << 20
+    MAX_CONCURRENCY = 4  # peak upload buffer ≈ MAX_CONCURRENCY * MULTIPART_CHUNK
+
+    def __init__(self, root: str, client=None):
+        parsed = urlparse(root)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise ValueError(f"expected s3://bucket[/prefix], got {root!r}")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.root = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self._client = client
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = default_s3_client()
+        return self._client
+
+    def _k(self, key: str) -> str:
+        _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _transfer_config(self):
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(
+            multipart_threshold=self.MULTIPART_THRESHOLD,
+            multipart_chunksize=self.MULTIPART_CHUNK,
+            max_concurrency=self.MAX_CONCURRENCY,
+        )
+
+    def _error(self, action: str, key: str, exc: Exception) -> StoreError:
+        from botocore.exceptions import ClientError
+
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchKey", "404", "NotFound") or status == 404 and code != "NoSuchBucket":
+                return NotFound(f"{self.uri(key)} does not exist")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                return PreconditionFailed(
+                    f"{action} {self.uri(key)}: precondition failed ({code})")
+            if code == "NoSuchBucket":
+                return StoreError(
+                    f"{action} {self.uri(key)}: bucket {self.bucket!r} does not exist")
+            return StoreError(f"{action} {self.uri(key)} failed: {code} (HTTP {status})")
+        return StoreError(f"{action} {self.uri(key)} failed: {type(exc).__name__}: {exc}")
+
+    def put_file(self, key: str, path: str | os.PathLike) -> FileEntry:
+        k = self._k(key)
+        entry = sha256_file(path)
+        try:
+            self.client.upload_file(str(path), self.bucket, k, Config=self._transfer_config())
+        except Exception as e:
+            raise self._error("upload to", key, e) from e
+        return entry
+
+    def put_bytes(
+        self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> str:
+        k = self._k(key)
+        kwargs = {}
+        if if_absent:
+            kwargs["IfNoneMatch"] = "*"
+        elif if_match is not None:
+            kwargs["IfMatch"] = if_match
+        try:
+            resp = self.client.put_object(Bucket=self.bucket, Key=k, Body=data, **kwargs)
+        except Exception as e:
+            raise self._error("put", key, e) from e
+        return resp["ETag"]
+
+    def get_bytes(self, key: str) -> tuple[bytes, str]:
+        k = self._k(key)
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=k)
+            return resp["Body"].read(), resp["ETag"]
+        except Exception as e:
+            raise self._error("get", key, e) from e
+
+    def exists(self, key: str) -> bool:
+        k = self._k(key)
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=k)
+        except Exception as e:
+            err = self._error("head", key, e)
+            if isinstance(err, NotFound):
+                return False
+            raise err from e
+        return True
+
+    def _download(self, key: str, tmp_path: Path) -> None:
+        k = self._k(key)
+        try:
+            self.client.download_file(self.bucket, k, str(tmp_path), Config=self._transfer_config())
+        except Exception as e:
+            raise self._error("download", key, e) from e
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        full = self._k(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        if prefix.endswith("/") and not full.endswith("/"):
+            full += "/"
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                for obj in page.get("Contents", []):
+                    yield ObjectInfo(obj["Key"][strip:], obj["Size"])
+        except Exception as e:
+            raise self._error("list", prefix, e) from e
+
+    def delete(self, key: str) -> None:
+        k = self._k(key)
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=k)
+        except Exception as e:
+            raise self._error("delete", key, e) from e
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it is missing (demo and tests; production buckets pre-exist)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self.client.create_bucket(Bucket=self.bucket)
+
+
+def default_s3_client():
+    """A boto3 S3 client from the standard AWS environment, with retries and path-style URLs.
+
+    ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` select a non-AWS server (SeaweedFS, MinIO);
+    credentials come from the usual chain and are never logged.
+    """
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"max_attempts": 5, "mode": "standard"},
+        s3={"addressing_style": "path"},
+        max_pool_connections=32,
+    )
+    return boto3.session.Session().client(
+        "s3", region_name=os.environ.get("AWS_DEFAULT_REGION") or "us-east-1", config=config
+    )
+
+
+def open_store(root: str | os.PathLike, *, s3_client=None) -> Store:
+    """The store for a root URI: ``s3://...`` → S3Store, anything else → LocalStore."""
+    root = str(root)
+    if root.startswith("s3://"):
+        return S3Store(root, client=s3_client)
+    if "://" in root and not root.startswith("file://"):
+        raise ValueError(f"unsupported store URI {root!r}: use s3://bucket/prefix or a local path")
+    return LocalStore(root)

@@ -1,0 +1,192 @@
+"""The commit protocol (petdet_tasks.manifest) on both backends."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+
+import pytest
+
+from petdet_tasks.layout import fingerprint, lease_key, manifest_key, split_output_uri, step_prefix
+from petdet_tasks.manifest import LeaseLost, load_output, read_manifest, run_step
+from petdet_tasks.store import StoreError
+
+INPUTS = {"archive": "ab" * 32}
+CONFIG = {"extract": True}
+
+
+def _body(calls, content=b"payload", sleep_s=0.0):
+    def body(w):
+        calls.append(threading.get_ident())
+        w.put_bytes("data/one.bin", content)
+        if sleep_s:
+            time.sleep(sleep_s)
+        w.put_json("report.json", {"n": 1})
+        return {"count": 1}
+    return body
+
+
+def _run(store, body, **kw):
+    kw.setdefault("lease_ttl_s", 2.0)
+    return run_step(store, "download", 1, inputs=INPUTS, config=CONFIG, body=body, **kw)
+
+
+def _assert_consistent(store, result):
+    m = read_manifest(store, step_prefix("download", result.fingerprint))
+    assert m is not None
+    for rel, entry in m["files"].items():
+        data, _ = store.get_bytes(step_prefix("download", result.fingerprint) + rel)
+        assert len(data) == entry["size"]
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+    return m
+
+
+def test_commit_then_cache_hit(store):
+    calls = []
+    first = _run(store, _body(calls))
+    assert not first.cache_hit and len(calls) == 1
+    fp = fingerprint("download", 1, INPUTS, CONFIG)
+    assert first.fingerprint == fp
+    assert first.uri == store.uri(f"datasets/{fp}")
+    m = _assert_consistent(store, first)
+    assert set(m["files"]) == {"data/one.bin", "report.json"}
+    assert m["inputs"] == INPUTS and m["config"] == CONFIG and m["outputs"] == {"count": 1}
+    assert {"started_at", "finished_at", "seconds"} <= set(m["timings"])
+    assert m["code_version"]
+    # the manifest is the last thing written and the lease is gone
+    assert not store.exists(lease_key(step_prefix("download", fp)))
+
+    second = _run(store, _body(calls))
+    assert second.cache_hit and len(calls) == 1
+    assert second.manifest == first.manifest
+    assert second.to_xcom() == {"step": "download", "uri": first.uri, "fingerprint": fp,
+                                "cache_hit": True, "count": 1}
+    assert load_output(store, first.uri, expect_step="download").manifest == first.manifest
+
+
+def test_incomplete_prefix_is_ignored_and_overwritten(store):
+    prefix = step_prefix("download", fingerprint("download", 1, INPUTS, CONFIG))
+    store.put_bytes(prefix + "data/one.bin", b"half-written junk")
+    store.put_bytes(prefix + "stale-from-an-old-attempt.bin", b"junk")
+    assert read_manifest(store, prefix) is None
+    with pytest.raises(StoreError, match="incomplete or absent"):
+        load_output(store, store.uri(prefix.rstrip("/")))
+    calls = []
+    result = _run(store, _body(calls))
+    assert not result.cache_hit and len(calls) == 1
+    m = _assert_consistent(store, result)
+    assert [o.key[len(prefix):] for o in store.list(prefix)] == sorted(
+        [*m["files"], "_MANIFEST.json"])
+
+
+def test_failed_body_commits_nothing_and_frees_the_prefix(store):
+    def bad(w):
+        w.put_bytes("data/one.bin", b"partial")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _run(store, bad)
+    prefix = step_prefix("download", fingerprint("download", 1, INPUTS, CONFIG))
+    assert read_manifest(store, prefix) is None
+    assert not store.exists(lease_key(prefix))
+    calls = []
+    assert not _run(store, _body(calls), wait_timeout_s=1).cache_hit  # no waiting on a lease
+
+
+@pytest.mark.parametrize("writers", [2, 6])
+def test_racing_writers_end_with_one_consistent_output(store, writers):
+    calls, results, errors = [], [], []
+    barrier = threading.Barrier(writers)
+
+    def go(i):
+        barrier.wait()
+        try:
+            results.append(_run(store, _body(calls, content=f"writer {i}".encode(), sleep_s=0.3),
+                                poll_s=0.05))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(calls) == 1, "exactly one writer did the work"
+    assert sorted(r.cache_hit for r in results) == [False] + [True] * (writers - 1)
+    manifests = {json.dumps(r.manifest, sort_keys=True) for r in results}
+    assert len(manifests) == 1
+    _assert_consistent(store, results[0])
+
+
+def test_expired_lease_of_a_dead_writer_is_taken_over(store):
+    prefix = step_prefix("download", fingerprint("download", 1, INPUTS, CONFIG))
+    store.put_bytes(lease_key(prefix), json.dumps(
+        {"id": "dead", "pid": 1, "host": "gone", "expires_at": time.time() - 5}).encode())
+    calls = []
+    assert not _run(store, _body(calls), wait_timeout_s=2).cache_hit
+    assert len(calls) == 1
+
+
+def test_live_lease_makes_others_wait_then_give_up_clearly(store):
+    prefix = step_prefix("download", fingerprint("download", 1, INPUTS, CONFIG))
+    store.put_bytes(lease_key(prefix), json.dumps(
+        {"id": "busy-writer", "pid": 42, "host": "h", "expires_at": time.time() + 60}).encode())
+    with pytest.raises(StoreError, match="busy-writer"):
+        _run(store, _body([]), wait_timeout_s=0.3, poll_s=0.05)
+
+
+def test_force_recomputes(store):
+    calls = []
+    first = _run(store, _body(calls, content=b"v1"))
+    forced = _run(store, _body(calls, content=b"v2"), force=True)
+    assert len(calls) == 2 and not forced.cache_hit
+    assert forced.manifest["files"]["data/one.bin"] != first.manifest["files"]["data/one.bin"]
+    _assert_consistent(store, forced)
+
+
+def test_resume_keeps_leftovers(store):
+    prefix = step_prefix("download", fingerprint("download", 1, INPUTS, CONFIG))
+    store.put_bytes(prefix + "ckpt/step-10", b"state")
+    seen = []
+
+    def body(w):
+        seen.append(store.get_bytes(prefix + "ckpt/step-10")[0])
+        w.put_bytes("final.bin", b"done")
+        return {}
+
+    _run(store, body, resume=True)
+    assert seen == [b"state"]
+
+
+def test_lost_lease_commits_nothing(store):
+    prefix = step_prefix("download", fingerprint("download", 1, INPUTS, CONFIG))
+
+    def body(w):
+        w.put_bytes("a.bin", b"a")
+        # another writer believes our lease expired and takes it over
+        store.put_bytes(lease_key(prefix), json.dumps(
+            {"id": "intruder", "expires_at": time.time() + 60}).encode())
+        return {}
+
+    with pytest.raises(LeaseLost):
+        _run(store, body)
+    assert read_manifest(store, prefix) is None
+    assert store.exists(lease_key(prefix)), "the intruder's lease is left alone"
+
+
+def test_fingerprint_rules():
+    base = fingerprint("download", 1, {"a": "1"}, {"x": 1, "y": [1, 2]})
+    assert base == fingerprint("download", 1, {"a": "1"}, {"y": [1, 2], "x": 1})
+    assert base != fingerprint("download", 2, {"a": "1"}, {"x": 1, "y": [1, 2]})
+    assert base != fingerprint("download", 1, {"a": "2"}, {"x": 1, "y": [1, 2]})
+    assert base != fingerprint("download", 1, {"a": "1"}, {"x": 2, "y": [1, 2]})
+    assert base != fingerprint("tfrecords", 1, {"a": "1"}, {"x": 1, "y": [1, 2]})
+    assert len(base) == 20
+    root, step, fp = split_output_uri(f"s3://b/p/datasets/{base}")
+    assert (root, step, fp) == ("s3://b/p", "download", base)
+    with pytest.raises(ValueError, match="not a step output URI"):
+        split_output_uri("s3://b/p/elsewhere/" + base)
+    assert manifest_key("datasets/x/") == "datasets/x/_MANIFEST.json"

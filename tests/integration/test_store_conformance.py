@@ -1,0 +1,128 @@
+"""One conformance suite, run on both backends (local directory and a real SeaweedFS)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import pytest
+
+from petdet_tasks.store import (
+    ChecksumError,
+    NotFound,
+    PreconditionFailed,
+    S3Store,
+    open_store,
+)
+
+
+def test_put_get_roundtrip_and_listing(store):
+    etag = store.put_bytes("a/b/c.txt", b"hello")
+    assert store.get_bytes("a/b/c.txt") == (b"hello", etag)
+    store.put_bytes("a/d.txt", b"x")
+    store.put_bytes("ab.txt", b"y")
+    assert [(o.key, o.size) for o in store.list("a/")] == [("a/b/c.txt", 5), ("a/d.txt", 1)]
+    assert [o.key for o in store.list("a")] == ["a/b/c.txt", "a/d.txt", "ab.txt"]
+    assert store.exists("a/d.txt") and not store.exists("a/nope")
+    assert store.uri("a/d.txt") == store.root + "/a/d.txt"
+
+
+def test_missing_key_is_not_found_with_uri(store):
+    with pytest.raises(NotFound, match="nope.txt"):
+        store.get_bytes("nope.txt")
+
+
+def test_put_if_absent_refuses_second_writer(store):
+    store.put_bytes("m.json", b"first", if_absent=True)
+    with pytest.raises(PreconditionFailed):
+        store.put_bytes("m.json", b"second", if_absent=True)
+    assert store.get_bytes("m.json")[0] == b"first"
+
+
+def test_compare_and_swap(store):
+    etag = store.put_bytes("p.json", b"v1")
+    etag2 = store.put_bytes("p.json", b"v2", if_match=etag)
+    with pytest.raises(PreconditionFailed):
+        store.put_bytes("p.json", b"v3", if_match=etag)  # stale
+    assert store.get_bytes("p.json") == (b"v2", etag2)
+
+
+def test_put_if_absent_race_has_exactly_one_winner(store):
+    winners, losers = [], []
+    barrier = threading.Barrier(8)
+
+    def write(i):
+        barrier.wait()
+        try:
+            store.put_bytes("race.json", f"writer-{i}".encode(), if_absent=True)
+            winners.append(i)
+        except PreconditionFailed:
+            losers.append(i)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(winners) == 1 and len(losers) == 7
+    assert store.get_bytes("race.json")[0] == f"writer-{winners[0]}".encode()
+
+
+def test_large_file_streams_and_verifies(store, tmp_path, monkeypatch):
+    if isinstance(store, S3Store):  # force real multipart with small parts
+        monkeypatch.setattr(S3Store, "MULTIPART_THRESHOLD", 5 << 20)
+        monkeypatch.setattr(S3Store, "MULTIPART_CHUNK", 5 << 20)
+    src = tmp_path / "big.bin"
+    data = os.urandom(12 << 20)
+    src.write_bytes(data)
+    entry = store.put_file("big/big.bin", src)
+    assert entry.size == len(data)
+    assert entry.sha256 == hashlib.sha256(data).hexdigest()
+    out = tmp_path / "dl" / "big.bin"
+    assert store.download_file("big/big.bin", out, sha256=entry.sha256) == entry
+    assert out.read_bytes() == data
+
+
+def test_download_with_wrong_checksum_writes_nothing(store, tmp_path):
+    store.put_bytes("f.bin", b"content")
+    out = tmp_path / "dl" / "f.bin"
+    with pytest.raises(ChecksumError, match="expected sha256 0+, got"):
+        store.download_file("f.bin", out, sha256="0" * 64)
+    assert not out.exists()
+    assert list((tmp_path / "dl").iterdir()) == []
+
+
+def test_delete_prefix(store):
+    for k in ("x/1", "x/2/3", "x/keep", "y/1"):
+        store.put_bytes(k, b".")
+    assert store.delete_prefix("x/", keep=frozenset({"x/keep"})) == 2
+    assert [o.key for o in store.list("")] == ["x/keep", "y/1"]
+
+
+@pytest.mark.parametrize("key", ["", "/abs", "a/../b", "a//b", "./a", ".petdet/x"])
+def test_invalid_keys_are_refused(store, key):
+    with pytest.raises(ValueError, match="invalid store key"):
+        store.put_bytes(key, b"x")
+
+
+def test_open_store_dispatch(tmp_path):
+    assert open_store(tmp_path).root == str(tmp_path.resolve())
+    assert open_store(f"file://{tmp_path}").root == str(tmp_path.resolve())
+    s3 = open_store("s3://bucket/some/prefix/", s3_client=object())
+    assert (s3.bucket, s3.prefix, s3.root) == ("bucket", "some/prefix", "s3://bucket/some/prefix")
+    with pytest.raises(ValueError, match="unsupported store URI"):
+        open_store("gs://bucket")
+
+
+def test_s3_credentials_are_enforced_and_not_in_errors(seaweed):
+    import boto3
+
+    bad = boto3.client("s3", endpoint_url=seaweed.endpoint, aws_access_key_id=seaweed.access_key,
+                       aws_secret_access_key="wrong-secret-123", region_name="us-east-1")
+    store = S3Store("s3://petdet/creds", client=bad)
+    with pytest.raises(Exception) as info:
+        store.put_bytes("x", b"x")
+    assert "wrong-secret-123" not in str(info.value)
+    assert seaweed.secret_key not in repr(store) + str(info.value)
+    assert "SignatureDoesNotMatch" in str(info.value) or "AccessDenied" in str(info.value)
