@@ -1,0 +1,99 @@
+"""``python -m petdet_tasks STEP ...``: every step without Airflow.
+
+Logs go to stderr; the last stdout line of every step command is one JSON object with at
+least ``uri``, ``fingerprint`` and ``cache_hit`` (what the Airflow operator pushes to XCom).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from petdet_tasks import __version__
+
+
+def _store(root: str):
+    from petdet_tasks.store import open_store
+
+    return open_store(root)
+
+
+def _cmd_sample_data(args) -> dict:
+    from petdet_tasks.sample_data import make_sample
+
+    return make_sample(args.out_dir, breeds=args.breeds, per_breed=args.per_breed, seed=args.seed)
+
+
+def _cmd_download(args) -> dict:
+    from petdet_tasks.download import DownloadConfig, download
+
+    cfg = DownloadConfig(source=args.source, cache_dir=args.cache_dir, force=args.force,
+                         keep_archives=not args.no_keep_archives)
+    return download(_store(args.store), cfg).to_xcom()
+
+
+def _cmd_seaweedfs(args) -> int:
+    from petdet_tasks.seaweed import serve_forever
+
+    return serve_forever(args.dir, bucket=args.bucket)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from petdet_tasks.download import OFFICIAL_BASE
+    from petdet_tasks.sample_data import DEFAULT_BREEDS, DEFAULT_PER_BREED, DEFAULT_SEED
+
+    p = argparse.ArgumentParser(prog="python -m petdet_tasks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"petdet {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("sample-data", help="write a synthetic dataset in the real archives' layout")
+    s.add_argument("out_dir")
+    s.add_argument("--breeds", type=int, default=DEFAULT_BREEDS, help="number of breeds (1..37)")
+    s.add_argument("--per-breed", type=int, default=DEFAULT_PER_BREED, help="images per breed")
+    s.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    s.set_defaults(func=_cmd_sample_data)
+
+    d = sub.add_parser("download", help="fetch + verify + extract the archives into the store")
+    d.add_argument("--store", required=True, help="s3://bucket/prefix or a local directory")
+    d.add_argument("--source", default=OFFICIAL_BASE,
+                   help="base URL or local folder holding the two archives (default: official)")
+    d.add_argument("--cache-dir", default=None, help="download cache (default ~/.cache/petdet)")
+    d.add_argument("--force", action="store_true", help="rebuild even if already complete")
+    d.add_argument("--no-keep-archives", action="store_true",
+                   help="delete the cached archives after a successful run")
+    d.set_defaults(func=_cmd_download)
+
+    w = sub.add_parser("seaweedfs", help="run a local SeaweedFS S3 server (127.0.0.1)")
+    w.add_argument("--dir", required=True, help="data directory (kept across restarts)")
+    w.add_argument("--bucket", default="petdet")
+    w.set_defaults(func=_cmd_seaweedfs)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        out = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        logging.getLogger("petdet").error("%s failed: %s", args.command, e,
+                                          exc_info=args.verbose)
+        return 1
+    if isinstance(out, int):
+        return out
+    print(json.dumps(out, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

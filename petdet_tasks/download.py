@@ -1,0 +1,232 @@
+"""The download step: the Oxford-IIIT Pet archives, verified, extracted safely, in the store.
+
+``download(store, DownloadConfig(source=...))`` →  ``datasets/<fingerprint>/`` holding the
+extracted dataset exactly as the archives lay it out (``images/*.jpg``,
+``annotations/{list,trainval,test}.txt``, ``annotations/xmls/``, ``annotations/trimaps/``)
+plus ``_MANIFEST.json``.
+
+Where the archives come from (``source``):
+
+* the official base URL (default) or its older alias: checked against the pinned sizes and
+  sha256 digests below;
+* any other http(s) mirror or a local directory / ``file://`` URL: checked against a
+  ``SHA256SUMS`` file beside the archives; without one, the digests are computed from what
+  was downloaded and recorded, with a warning (and a re-run has to fetch again to know
+  whether anything changed).
+
+The fingerprint is made of the archives' digests only, not of the URL: the same bytes from a
+mirror give the same dataset prefix, and when the digests are known in advance a second run
+is a cache hit that downloads and uploads nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from petdet_tasks.fetch import (
+    FetchError,
+    fetch,
+    join_source,
+    parse_sha256sums,
+    read_text,
+    redact_url,
+)
+from petdet_tasks.layout import fingerprint
+from petdet_tasks.manifest import StepResult, StepWriter, run_step
+from petdet_tasks.safe_tar import safe_extract
+from petdet_tasks.store import Store, sha256_file
+
+log = logging.getLogger(__name__)
+
+STEP = "download"
+SCHEMA_VERSION = 1
+
+OFFICIAL_BASE = "https://thor.robots.ox.ac.uk/~vgg/data/pets/"
+LEGACY_BASES = (
+    "http://www.robots.ox.ac.uk/~vgg/data/pets/data/",
+    "https://www.robots.ox.ac.uk/~vgg/data/pets/data/",
+)
+ARCHIVES = ("images.tar.gz", "annotations.tar.gz")
+PINNED: dict[str, tuple[int, str]] = {
+    "images.tar.gz": (
+        791_918_971, "67195c5e1c01f1ab5f9b6a5d22b8c27a580d896ece458917e61d459337fa318d"),
+    "annotations.tar.gz": (
+        19_173_078, "52425fb6de5c424942b7626b428656fcbd798db970a937df61750c0f1d358e91"),
+}
+REQUIRED = ("annotations/list.txt", "annotations/trainval.txt", "annotations/test.txt")
+
+
+class DatasetLayoutError(ValueError):
+    """The archives did not contain the Oxford-IIIT Pet layout."""
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """:param source: base URL or local folder holding ``images.tar.gz`` and
+        ``annotations.tar.gz`` (default: the official site).
+    :param cache_dir: where archives are downloaded (resumable ``.part`` files) and kept by
+        digest for re-use; default ``$PETDET_CACHE_DIR`` or ``~/.cache/petdet``.
+    :param force: rebuild the dataset prefix even if it is complete.
+    :param keep_archives: keep the verified archives in the cache after a successful run.
+    """
+
+    source: str = OFFICIAL_BASE
+    cache_dir: str | None = None
+    force: bool = False
+    keep_archives: bool = True
+    retries: int = 5
+    upload_workers: int = 8
+
+    def resolved_cache_dir(self) -> Path:
+        base = self.cache_dir or os.environ.get("PETDET_CACHE_DIR") or "~/.cache/petdet"
+        return Path(base).expanduser() / "downloads"
+
+
+def _norm(base: str) -> str:
+    return base if base.endswith("/") else base + "/"
+
+
+def expected_digests(source: str) -> tuple[dict[str, tuple[int | None, str | None]], str]:
+    """(name → (size, sha256)) for the two archives, and how they are known:
+    ``pinned`` (official source), ``SHA256SUMS`` (file beside the archives) or ``none``."""
+    if _norm(source) in (OFFICIAL_BASE, *LEGACY_BASES):
+        return {n: PINNED[n] for n in ARCHIVES}, "pinned"
+    sums_text = read_text(join_source(source, "SHA256SUMS"))
+    if sums_text is None:
+        return {n: (None, None) for n in ARCHIVES}, "none"
+    sums = parse_sha256sums(sums_text)
+    missing = [n for n in ARCHIVES if n not in sums]
+    if missing:
+        raise FetchError(
+            f"SHA256SUMS at {redact_url(join_source(source, 'SHA256SUMS'))} has no entry for "
+            f"{', '.join(missing)}"
+        )
+    return {n: (None, sums[n]) for n in ARCHIVES}, "SHA256SUMS"
+
+
+def _cached_archive(cache: Path, name: str, sha256: str | None) -> Path:
+    return cache / (f"{sha256[:16]}-{name}" if sha256 else f"unverified-{name}")
+
+
+def _fetch_archive(cfg: DownloadConfig, cache: Path, name: str, size: int | None,
+                   sha256: str | None) -> tuple[Path, str]:
+    """A verified local copy of one archive (re-used from the cache when already there)."""
+    dest = _cached_archive(cache, name, sha256)
+    if sha256 and dest.exists():
+        entry = sha256_file(dest)
+        if entry.sha256 == sha256:
+            log.info("%s: verified copy already in the cache (%s)", name, dest)
+            return dest, sha256
+        log.warning("%s: cached copy %s is corrupt (sha256 %s); fetching again", name, dest,
+                    entry.sha256)
+        dest.unlink()
+    result = fetch(join_source(cfg.source, name), dest, expected_sha256=sha256,
+                   expected_size=size, retries=cfg.retries, log=log)
+    return result.path, result.sha256
+
+
+def _count_layout(root: Path) -> dict[str, int]:
+    missing = [p for p in REQUIRED if not (root / p).is_file()]
+    images = sorted((root / "images").glob("*.jpg")) if (root / "images").is_dir() else []
+    if missing or not images:
+        what = ", ".join(missing + ([] if images else ["images/*.jpg"]))
+        raise DatasetLayoutError(
+            f"the archives do not hold the Oxford-IIIT Pet layout: missing {what} "
+            f"(expected images/*.jpg and annotations/list.txt, trainval.txt, test.txt, xmls/)"
+        )
+
+    def listed(name: str) -> int:
+        lines = (root / "annotations" / name).read_text().splitlines()
+        return sum(1 for ln in lines if ln.strip() and not ln.startswith("#"))
+
+    def count(folder: str, pattern: str) -> int:
+        d = root / folder
+        return sum(1 for p in d.glob(pattern) if not p.name.startswith("._")) if d.is_dir() else 0
+
+    return {
+        "images": len(images),
+        "xmls": count("annotations/xmls", "*.xml"),
+        "trimaps": count("annotations/trimaps", "*.png"),
+        "listed": listed("list.txt"),
+        "trainval": listed("trainval.txt"),
+        "test": listed("test.txt"),
+    }
+
+
+def _upload_tree(writer: StepWriter, root: Path, workers: int) -> int:
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    total, done, last = len(paths), 0, time.monotonic()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(writer.put_file, p.relative_to(root).as_posix(), p) for p in paths]
+        for fut in futures:
+            fut.result()
+            done += 1
+            if time.monotonic() - last > 10 or done == total:
+                log.info("uploaded %d/%d files to %s", done, total, writer.uri())
+                last = time.monotonic()
+    return total
+
+
+def download(store: Store, cfg: DownloadConfig = DownloadConfig(), *,
+             run_id: str | None = None) -> StepResult:
+    """Run the download step (module doc); returns the committed (or cached) output."""
+    cache = cfg.resolved_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    expected, how = expected_digests(cfg.source)
+    source = redact_url(cfg.source)
+    log.info("source %s; archive digests: %s", source, how)
+
+    fetched: dict[str, Path] = {}
+    if how == "none":
+        log.warning(
+            "no SHA256SUMS beside the archives at %s: their digests will be computed from the "
+            "download and recorded, not verified (put a SHA256SUMS file there to verify, and to "
+            "let a re-run skip the download)", source)
+        for name in ARCHIVES:
+            path, digest = _fetch_archive(cfg, cache, name, None, None)
+            final = _cached_archive(cache, name, digest)
+            os.replace(path, final)
+            fetched[name] = final
+            expected[name] = (final.stat().st_size, digest)
+
+    inputs = {name: expected[name][1] for name in ARCHIVES}
+    config = {"layout": "oxford-iiit-pet", "extracted": True}
+    fp = fingerprint(STEP, SCHEMA_VERSION, inputs, config)
+    # run_step checks the manifest before calling body, so a cache hit fetches nothing
+    def body(writer: StepWriter) -> dict:
+        archives = {}
+        for name in ARCHIVES:
+            size, sha = expected[name]
+            path = fetched.get(name)
+            if path is None:
+                path, sha = _fetch_archive(cfg, cache, name, size, sha)
+                fetched[name] = path
+            archives[name] = {"size": path.stat().st_size, "sha256": sha}
+        work = Path(tempfile.mkdtemp(prefix="extract-", dir=cache))
+        try:
+            for name in ARCHIVES:
+                n = len(safe_extract(fetched[name], work))
+                log.info("%s: %d files extracted safely", name, n)
+            counts = _count_layout(work)
+            log.info("dataset layout: %s", counts)
+            uploaded = _upload_tree(writer, work, cfg.upload_workers)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return {**counts, "files": uploaded, "archives": archives, "source": source,
+                "digests": how}
+
+    result = run_step(store, STEP, SCHEMA_VERSION, inputs=inputs, config=config, body=body,
+                      force=cfg.force, fp=fp, run_id=run_id,
+                      extra_manifest={"download_config": {**asdict(cfg), "source": source}})
+    if not cfg.keep_archives:
+        for path in fetched.values():
+            path.unlink(missing_ok=True)
+    return result
+

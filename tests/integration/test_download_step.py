@@ -1,0 +1,201 @@
+"""The download step end to end on both store backends, from local HTTP servers and folders."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from petdet_tasks.download import (
+    ARCHIVES,
+    OFFICIAL_BASE,
+    PINNED,
+    DatasetLayoutError,
+    DownloadConfig,
+    download,
+    expected_digests,
+)
+from petdet_tasks.fetch import ChecksumMismatch
+from petdet_tasks.safe_tar import UnsafeArchiveError
+from petdet_tasks.store import sha256_file
+from tests.support.http_server import serve_directory
+
+
+def _copy_sample(sample_archives, dest: Path, *, sums: bool = True) -> Path:
+    src, _ = sample_archives
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ARCHIVES:
+        shutil.copy(src / name, dest / name)
+    if sums:
+        shutil.copy(src / "SHA256SUMS", dest / "SHA256SUMS")
+    return dest
+
+
+def _datasets(store) -> list[str]:
+    return [o.key for o in store.list("datasets/")]
+
+
+def test_download_from_http_commits_then_cache_hit(store, sample_archives, tmp_path, caplog):
+    src = _copy_sample(sample_archives, tmp_path / "mirror")
+    _, summary = sample_archives
+    caplog.set_level(logging.INFO)
+    with serve_directory(src) as server:
+        cfg = DownloadConfig(source=server.url, cache_dir=str(tmp_path / "cache"))
+        first = download(store, cfg)
+        assert not first.cache_hit
+        out = first.outputs
+        assert out["images"] == summary["images"]
+        assert out["trainval"] == summary["trainval"] and out["test"] == summary["test"]
+        assert out["digests"] == "SHA256SUMS"
+        assert out["archives"] == {n: {"size": summary["archives"][n]["size"],
+                                       "sha256": summary["archives"][n]["sha256"]}
+                                   for n in ARCHIVES}
+        files = first.manifest["files"]
+        assert "annotations/list.txt" in files and "annotations/trainval.txt" in files
+        assert sum(k.startswith("images/") for k in files) == summary["images"]
+        assert first.uri == store.uri(f"datasets/{first.fingerprint}")
+        fetched = [r.path for r in server.requests if r.path.endswith(".tar.gz")]
+        assert sorted(fetched) == ["/annotations.tar.gz", "/images.tar.gz"]
+
+        # the content in the store is what the archive held, byte for byte
+        with tarfile.open(src / "images.tar.gz") as tf:
+            member = next(m for m in tf.getmembers() if m.isfile())
+            data = tf.extractfile(member).read()
+        assert store.get_bytes(f"datasets/{first.fingerprint}/{member.name}")[0] == data
+
+        n_before = len(server.requests)
+        second = download(store, DownloadConfig(source=server.url,
+                                                cache_dir=str(tmp_path / "cache2")))
+        assert second.cache_hit and second.fingerprint == first.fingerprint
+        later = [r.path for r in server.requests[n_before:]]
+        assert later == ["/SHA256SUMS"], "a cache hit downloads nothing"
+    assert any("cache hit" in r.getMessage() for r in caplog.records)
+
+
+def test_same_bytes_from_a_folder_give_the_same_dataset(store, sample_archives, tmp_path):
+    src = _copy_sample(sample_archives, tmp_path / "folder")
+    a = download(store, DownloadConfig(source=str(src), cache_dir=str(tmp_path / "c1")))
+    b = download(store, DownloadConfig(source=f"file://{src}", cache_dir=str(tmp_path / "c2")))
+    assert b.cache_hit and a.fingerprint == b.fingerprint
+
+
+def test_resume_after_dropped_connection(store, sample_archives, tmp_path):
+    src = _copy_sample(sample_archives, tmp_path / "mirror")
+    size = (src / "images.tar.gz").stat().st_size
+    with serve_directory(src, drop_after_bytes=size // 2) as server:
+        result = download(store, DownloadConfig(source=server.url,
+                                                cache_dir=str(tmp_path / "cache")))
+        ranges = [r.range for r in server.requests if r.path == "/images.tar.gz"]
+    assert not result.cache_hit
+    assert ranges[0] is None and ranges[1] == f"bytes={size // 2}-"
+
+
+def test_checksum_mismatch_commits_nothing(store, sample_archives, tmp_path):
+    src = _copy_sample(sample_archives, tmp_path / "mirror")
+    good = sha256_file(src / "images.tar.gz").sha256
+    bad = "0" * 64
+    (src / "SHA256SUMS").write_text((src / "SHA256SUMS").read_text().replace(good, bad))
+    with pytest.raises(ChecksumMismatch) as info:
+        download(store, DownloadConfig(source=str(src), cache_dir=str(tmp_path / "cache")))
+    assert bad in str(info.value) and good in str(info.value)
+    assert _datasets(store) == []
+
+
+def test_source_without_sha256sums_records_computed_digests(store, sample_archives, tmp_path,
+                                                            caplog):
+    src = _copy_sample(sample_archives, tmp_path / "nosums", sums=False)
+    caplog.set_level(logging.WARNING)
+    result = download(store, DownloadConfig(source=str(src), cache_dir=str(tmp_path / "cache")))
+    assert result.outputs["digests"] == "none"
+    _, summary = sample_archives
+    assert result.manifest["inputs"] == {n: summary["archives"][n]["sha256"] for n in ARCHIVES}
+    assert any("no SHA256SUMS" in r.getMessage() for r in caplog.records)
+
+
+def _evil_tar(path: Path, kind: str) -> None:
+    with tarfile.open(path, "w") as tf:
+        ok = tarfile.TarInfo("images/ok.jpg")
+        ok.size = 3
+        tf.addfile(ok, io.BytesIO(b"abc"))
+        if kind == "dotdot":
+            evil = tarfile.TarInfo("images/../../evil.txt")
+            evil.size = 4
+            tf.addfile(evil, io.BytesIO(b"evil"))
+        else:
+            link = tarfile.TarInfo("images/escape")
+            link.type = tarfile.SYMTYPE
+            link.linkname = "../../../etc/passwd"
+            tf.addfile(link)
+
+
+@pytest.mark.parametrize("kind,member", [("dotdot", "images/../../evil.txt"),
+                                         ("symlink", "images/escape")])
+def test_unsafe_archives_are_refused_and_commit_nothing(store, sample_archives, tmp_path, kind,
+                                                        member):
+    src = _copy_sample(sample_archives, tmp_path / "mirror", sums=False)
+    _evil_tar(src / "images.tar.gz", kind)
+    with pytest.raises(UnsafeArchiveError) as info:
+        download(store, DownloadConfig(source=str(src), cache_dir=str(tmp_path / "cache")))
+    assert member in str(info.value)
+    assert _datasets(store) == []
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path.parent / "evil.txt").exists()
+
+
+def test_archives_without_the_pets_layout_are_refused(store, tmp_path):
+    src = tmp_path / "other"
+    src.mkdir()
+    for name in ARCHIVES:
+        with tarfile.open(src / name, "w") as tf:
+            info = tarfile.TarInfo("readme.txt")
+            info.size = 2
+            tf.addfile(info, io.BytesIO(b"hi"))
+    with pytest.raises(DatasetLayoutError, match="annotations/list.txt"):
+        download(store, DownloadConfig(source=str(src), cache_dir=str(tmp_path / "cache")))
+    assert _datasets(store) == []
+
+
+def test_official_sources_use_the_pinned_digests_without_network():
+    for base in (OFFICIAL_BASE, OFFICIAL_BASE.rstrip("/"),
+                 "http://www.robots.ox.ac.uk/~vgg/data/pets/data/"):
+        digests, how = expected_digests(base)
+        assert how == "pinned" and digests == PINNED
+
+
+def test_cli_prints_one_json_line_last(sample_archives, tmp_path):
+    src = _copy_sample(sample_archives, tmp_path / "mirror")
+    store_dir = tmp_path / "store"
+    cmd = [sys.executable, "-m", "petdet_tasks", "download", "--store", str(store_dir),
+           "--source", str(src), "--cache-dir", str(tmp_path / "cache")]
+    runs = [subprocess.run(cmd, capture_output=True, text=True, timeout=300) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    first, second = (json.loads(r.stdout.strip().splitlines()[-1]) for r in runs)
+    assert first["cache_hit"] is False and second["cache_hit"] is True
+    assert first["uri"] == second["uri"] == f"{store_dir}/datasets/{first['fingerprint']}"
+    assert "cache hit" in runs[1].stderr
+
+
+def test_cli_sample_data(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "petdet_tasks", "sample-data", str(tmp_path / "s"),
+                          "--breeds", "3", "--per-breed", "4", "--seed", "7"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["images"] == 12 and len(summary["breeds"]) == 3
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
+        "SHA256SUMS", "annotations.tar.gz", "images.tar.gz"]
+
+
+def test_cli_reports_errors_without_a_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "petdet_tasks", "download", "--store",
+                          str(tmp_path / "s"), "--source", str(tmp_path / "missing")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "download failed" in out.stderr and "Traceback" not in out.stderr
