@@ -1,0 +1,88 @@
+"""``dag.test()`` of petdet_retrain against a real metadata DB (SQLite), a real S3 server
+(SeaweedFS, reached through an Airflow connection) and a local HTTP server with the sample."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from petdet_tasks.manifest import read_manifest
+from petdet_tasks.store import S3Store
+from tests.support.http_server import serve_directory
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.airflow
+
+
+@pytest.fixture
+def aws_connection(seaweed, monkeypatch):
+    conn = {
+        "conn_type": "aws",
+        "login": seaweed.access_key,
+        "password": seaweed.secret_key,
+        "extra": {"endpoint_url": seaweed.endpoint, "region_name": "us-east-1"},
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_PETDET_TEST_S3", json.dumps(conn))
+    return "petdet_test_s3"
+
+
+def _dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    assert bag.import_errors == {}
+    return bag.dags["petdet_retrain"]
+
+
+def _xcom(dag_run, task_id):
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = session.query(XComModel).filter_by(
+            dag_id=dag_run.dag_id, run_id=dag_run.run_id, task_id=task_id, key="return_value"
+        ).one()
+        value = row.value
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def test_dag_test_downloads_into_s3_then_hits_the_cache(airflow_db, seaweed, s3_client,
+                                                         aws_connection, sample_archives,
+                                                         tmp_path, caplog, capfd):
+    src, summary = sample_archives
+    root = f"s3://{seaweed.bucket}/dagtest-{uuid.uuid4().hex[:8]}"
+    dag = _dag()
+    with serve_directory(src) as server:
+        conf = {"source": server.url, "store_root": root, "aws_conn_id": aws_connection}
+        run1 = dag.test(run_conf=conf)
+        assert run1.state == "success"
+        archive_gets = [r for r in server.requests if r.path.endswith(".tar.gz")]
+        assert len(archive_gets) == 2
+
+        out = _xcom(run1, "download")
+        assert out["cache_hit"] is False
+        assert out["uri"] == f"{root}/datasets/{out['fingerprint']}"
+        assert out["images"] == summary["images"]
+
+        store = S3Store(root, client=s3_client)
+        manifest = read_manifest(store, f"datasets/{out['fingerprint']}/")
+        assert manifest is not None and manifest["outputs"]["images"] == summary["images"]
+        assert manifest["writer"]["run_id"] == run1.run_id
+
+        n = len(server.requests)
+        run2 = dag.test(run_conf=conf)
+        assert run2.state == "success"
+        out2 = _xcom(run2, "download")
+        assert out2["cache_hit"] is True and out2["fingerprint"] == out["fingerprint"]
+        assert not [r for r in server.requests[n:] if r.path.endswith(".tar.gz")]
+
+    # the secret never reaches a log line or XCom
+    captured = capfd.readouterr()
+    logs = captured.out + captured.err + "\n".join(r.getMessage() for r in caplog.records)
+    assert seaweed.secret_key not in logs
+    assert seaweed.secret_key not in json.dumps(out) + json.dumps(out2)
+    assert os.environ.get("AWS_SECRET_ACCESS_KEY") is None
