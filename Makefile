@@ -37,7 +37,7 @@ lint: $(STAMP)
 	$(BIN)/hadolint docker/*.Dockerfile
 
 demo: $(STAMP)
-	$(BIN)/python scripts/demo.py --workdir $(DEMO_DIR)
+	$(BIN)/python scripts/demo.py --workdir $(DEMO_DIR) $(DEMO_ARGS)
 
 demo-clean:
 	rm -rf $(DEMO_DIR)
