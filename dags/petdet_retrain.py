@@ -1,9 +1,15 @@
 """
 ### petdet_retrain — the Oxford-IIIT Pet detector, retrained every week
 
-`download` fetches the Oxford-IIIT Pet archives (or a mirror / local copy given as **source**),
+1. `download` fetches the Oxford-IIIT Pet archives (or a mirror / local copy given as **source**),
 checks their sha256 (pinned for the official site, `SHA256SUMS` for other sources), extracts
 them safely and stores the dataset under `datasets/<fingerprint>/` in **store_root**.
+2. `tfrecords_plan` assigns trainval images to train/val (stable hash of the name) and to
+   **shards**; `tfrecords_shards` (mapped over **shard_tasks** groups) checks every image
+   (repairs format lies, CMYK and alpha; quarantines truncated/undecodable ones), clips boxes
+   and writes OD-API tf.Example shards; `tfrecords_gather` writes `data_report.json` and
+   `label_map.pbtxt`, applies the quality gate (**max_quarantine_fraction**, empty splits,
+   classes without training data) and commits `tfrecords/<fingerprint>/`.
 
 Every step is idempotent: its output prefix is a fingerprint of its inputs and config, and
 `_MANIFEST.json` is written last. A run whose inputs did not change is a chain of cache hits;
@@ -19,7 +25,12 @@ import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param
-from petdet_airflow.operators import DownloadPetsOperator
+from petdet_airflow.operators import (
+    DownloadPetsOperator,
+    TFRecordsGatherOperator,
+    TFRecordsPlanOperator,
+    TFRecordsShardsOperator,
+)
 
 OFFICIAL_SOURCE = "https://thor.robots.ox.ac.uk/~vgg/data/pets/"
 
@@ -63,6 +74,29 @@ with DAG(
             description="Airflow connection used for s3:// roots (ignored for local roots). "
             "Empty: the workers' standard AWS environment.",
         ),
+        "shards": Param(10, type="integer", minimum=1, maximum=1000, title="TFRecord shards",
+                        description="Shards per split (train-00000-of-000NN.tfrecord)."),
+        "shard_tasks": Param(4, type="integer", minimum=1, maximum=256,
+                             title="Parallel shard tasks",
+                             description="Mapped tasks the shards are spread over."),
+        "val_fraction": Param(0.3, type="number", exclusiveMinimum=0, exclusiveMaximum=1,
+                              title="Validation fraction",
+                              description="Share of trainval images held out for validation "
+                              "(stable by image name: adding images never moves others)."),
+        "image_check": Param("header", type="string", enum=["header", "full"],
+                             title="Image check",
+                             description="header: format + end-of-image marker (cheap, catches "
+                             "truncation); full: decode every image's pixels."),
+        "max_quarantine_fraction": Param(
+            0.01, type="number", minimum=0, maximum=1, title="Quarantine threshold",
+            description="Fail the run when a larger share of labelled images is unusable."),
+        "classes": Param("all", type="string", enum=["all", "present"], title="Classes",
+                         description="all: every label-map breed needs training images; "
+                         "present: train on the breeds the data has."),
+        "extra_data": Param("", type="string", title="Extra labelled data",
+                            description="Optional prefix in the store laid out like the "
+                            "dataset (images/, annotations/xmls/, annotations/trainval.txt); "
+                            "new content changes the fingerprint and triggers a rebuild."),
         "force": Param(
             False,
             type="boolean",
@@ -80,3 +114,42 @@ with DAG(
         execution_timeout=timedelta(hours=2),
         doc_md="Fetch + verify + safely extract the archives into `datasets/<fingerprint>/`.",
     )
+
+    store_args = {
+        "store_root": "{{ params.store_root }}",
+        "aws_conn_id": "{{ params.aws_conn_id }}",
+    }
+    dataset_uri = "{{ ti.xcom_pull(task_ids='download')['uri'] }}"
+    tfrecord_config = {
+        "num_shards": "{{ params.shards }}",
+        "val_fraction": "{{ params.val_fraction }}",
+        "check": "{{ params.image_check }}",
+        "max_quarantine_fraction": "{{ params.max_quarantine_fraction }}",
+        "classes": "{{ params.classes }}",
+        "extra_data": "{{ params.extra_data }}",
+        "force": "{{ params.force }}",
+    }
+    plan = TFRecordsPlanOperator(
+        task_id="tfrecords_plan",
+        dataset_uri=dataset_uri,
+        config=tfrecord_config,
+        shard_tasks="{{ params.shard_tasks }}",
+        execution_timeout=timedelta(minutes=10),
+        **store_args,
+    )
+    shards = TFRecordsShardsOperator.partial(
+        task_id="tfrecords_shards",
+        dataset_uri=dataset_uri,
+        config=tfrecord_config,
+        execution_timeout=timedelta(hours=1),
+        **store_args,
+    ).expand(units=plan.output)
+    gather = TFRecordsGatherOperator(
+        task_id="tfrecords_gather",
+        dataset_uri=dataset_uri,
+        config=tfrecord_config,
+        execution_timeout=timedelta(minutes=15),
+        **store_args,
+    )
+
+    download >> plan >> shards >> gather

@@ -34,6 +34,16 @@ def _cmd_download(args) -> dict:
     return download(_store(args.store), cfg).to_xcom()
 
 
+def _cmd_tfrecords(args) -> dict:
+    from petdet_tasks.tfrecords import TFRecordConfig, build
+
+    cfg = TFRecordConfig(num_shards=args.shards, val_fraction=args.val_fraction,
+                         check=args.check, max_quarantine_fraction=args.max_quarantine,
+                         classes=args.classes, label_map=args.label_map,
+                         extra_data=args.extra_data, force=args.force)
+    return build(_store(args.store), args.dataset, cfg, workers=args.workers).to_xcom()
+
+
 def _cmd_seaweedfs(args) -> int:
     from petdet_tasks.seaweed import serve_forever
 
@@ -66,6 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-keep-archives", action="store_true",
                    help="delete the cached archives after a successful run")
     d.set_defaults(func=_cmd_download)
+
+    t = sub.add_parser("tfrecords", help="OD-API TFRecord shards + data report from a dataset")
+    t.add_argument("--store", required=True, help="s3://bucket/prefix or a local directory")
+    t.add_argument("--dataset", required=True, help="the download step's output URI")
+    t.add_argument("--shards", type=int, default=10, help="shards per split")
+    t.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    t.add_argument("--val-fraction", type=float, default=0.3)
+    t.add_argument("--check", choices=["header", "full"], default="header",
+                   help="image check: header + end marker (cheap) or a full decode")
+    t.add_argument("--max-quarantine", type=float, default=0.01,
+                   help="fail when a larger fraction of labelled images is quarantined")
+    t.add_argument("--classes", choices=["all", "present"], default="all",
+                   help="all: every label-map class needs training data; present: keep those "
+                   "that have it")
+    t.add_argument("--label-map", default=None, help="label map file (default: 37 pets breeds)")
+    t.add_argument("--extra-data", default=None,
+                   help="prefix in the store with extra labelled images in the dataset layout")
+    t.add_argument("--force", action="store_true", help="rebuild even if already complete")
+    t.set_defaults(func=_cmd_tfrecords)
 
     w = sub.add_parser("seaweedfs", help="run a local SeaweedFS S3 server (127.0.0.1)")
     w.add_argument("--dir", required=True, help="data directory (kept across restarts)")

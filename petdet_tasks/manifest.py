@@ -114,6 +114,12 @@ class StepWriter:
                 "committing"
             )
 
+    def register(self, rel: str, entry: FileEntry) -> FileEntry:
+        """Record a file another process already wrote under the prefix (mapped shard tasks);
+        it is verified against the store's listing before commit like every other file."""
+        self._check_rel(rel)
+        return self._record(rel, entry)
+
     def put_file(self, rel: str, path: str | os.PathLike) -> FileEntry:
         self._check_rel(rel)
         self._check_lease()

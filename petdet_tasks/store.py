@@ -77,6 +77,7 @@ class FileEntry:
 class ObjectInfo:
     key: str
     size: int
+    etag: str | None = None  # S3 listings carry one; local listings do not
 
 
 def sha256_file(path: str | os.PathLike) -> FileEntry:
@@ -328,6 +329,8 @@ class S3Store(Store):
         self.prefix = parsed.path.strip("/")
         self.root = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self._client = client
+        # a client handed in (an Airflow connection's) cannot be rebuilt in another process
+        self.has_explicit_client = client is not None
 
     @property
     def client(self):
@@ -424,7 +427,7 @@ class S3Store(Store):
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
                 for obj in page.get("Contents", []):
-                    yield ObjectInfo(obj["Key"][strip:], obj["Size"])
+                    yield ObjectInfo(obj["Key"][strip:], obj["Size"], obj.get("ETag"))
         except Exception as e:
             raise self._error("list", prefix, e) from e
 

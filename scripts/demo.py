@@ -56,7 +56,10 @@ def main() -> int:
     print(f"[demo] Airflow metadata DB: {home / 'airflow.db'}", flush=True)
 
     server = None
-    conf = {"source": str(sample_dir), "force": args.force}
+    # the sample carries the real dataset's defects on purpose (one truncated JPEG in ~36
+    # labelled images) and only a few of the 37 breeds: allow for both
+    conf = {"source": str(sample_dir), "force": args.force, "classes": "present",
+            "max_quarantine_fraction": 0.05, "shards": 2, "shard_tasks": 2}
     if args.store == "local":
         conf.update(store_root=str(work / "store"), aws_conn_id="")
     else:
@@ -93,19 +96,27 @@ def _run_dag(conf: dict) -> int:
     with create_session() as session:
         rows = session.query(XComModel).filter_by(dag_id=dag.dag_id, run_id=run.run_id,
                                                   key="return_value").all()
-        results = {r.task_id: (json.loads(r.value) if isinstance(r.value, str) else r.value)
-                   for r in rows}
+        results: dict[str, list] = {}
+        for r in sorted(rows, key=lambda r: r.map_index):
+            value = json.loads(r.value) if isinstance(r.value, str) else r.value
+            results.setdefault(r.task_id, []).append(value)
     print(f"\n[demo] run {run.run_id}: {run.state}")
     for task_id in dag.task_ids:
-        out = results.get(task_id)
-        if out is None:
-            print(f"  {task_id:<10} no result (see the log above)")
+        outs = results.get(task_id)
+        if not outs:
+            print(f"  {task_id:<17} no result (see the log above)")
+            continue
+        out = outs[0]
+        if not isinstance(out, dict):  # the plan returns shard groups for the mapped task
+            print(f"  {task_id:<17} {len(out)} shard groups")
             continue
         verb = "cache hit " if out.get("cache_hit") else "wrote     "
+        mapped = f" ({len(outs)} mapped tasks)" if len(outs) > 1 else ""
         extra = {k: v for k, v in out.items()
-                 if k not in ("step", "uri", "fingerprint", "cache_hit", "archives")}
-        print(f"  {task_id:<10} {verb}{out['uri']}")
-        print(f"  {'':<10} {json.dumps(extra, sort_keys=True)}")
+                 if k not in ("step", "uri", "fingerprint", "cache_hit", "archives", "shards")}
+        print(f"  {task_id:<17} {verb}{out['uri']}{mapped}")
+        if extra and not mapped:
+            print(f"  {'':<17} {json.dumps(extra, sort_keys=True)}")
     return 0 if run.state == "success" else 1
 
 

@@ -80,3 +80,89 @@ class DownloadPetsOperator(PetdetOperator):
                       "cache hit:" if result.cache_hit else "wrote", result.uri,
                       result.fingerprint)
         return result.to_xcom()
+
+
+class _TFRecordsOperator(PetdetOperator):
+    """Shared arguments of the three TFRecord operators.
+
+    :param dataset_uri: the download step's output URI. (templated)
+    :param config: :class:`petdet_tasks.tfrecords.TFRecordConfig` fields (``num_shards``,
+        ``val_fraction``, ``check``, ``max_quarantine_fraction``, ``classes``, ``label_map``,
+        ``extra_data``, ``force``); values may be templates. (templated)
+    """
+
+    template_fields = (*PetdetOperator.template_fields, "dataset_uri", "config")
+    template_fields_renderers = {"config": "json"}
+
+    def __init__(self, *, dataset_uri: str, config: dict | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.dataset_uri = dataset_uri
+        self.config = config or {}
+
+    def _plan(self):
+        from petdet_tasks.tfrecords import TFRecordConfig, plan
+
+        cfg = TFRecordConfig.from_dict(dict(self.config))
+        store = self.get_store()
+        return store, cfg, plan(store, str(self.dataset_uri), cfg)
+
+
+class TFRecordsPlanOperator(_TFRecordsOperator):
+    """Assign images to splits and shards. Returns the shard groups (``[[[split, index], ...],
+    ...]``) that the mapped :class:`TFRecordsShardsOperator` expands over (Airflow maps over
+    return values only); the plan's URI, fingerprint and counts go to XCom key ``plan``.
+
+    :param shard_tasks: how many mapped shard tasks to spread the shards over. (templated)
+    """
+
+    template_fields = (*_TFRecordsOperator.template_fields, "shard_tasks")
+
+    def __init__(self, *, shard_tasks: int | str = 4, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.shard_tasks = shard_tasks
+
+    def execute(self, context) -> list:
+        _, _, p = self._plan()
+        groups = p.groups(int(self.shard_tasks))
+        context["ti"].xcom_push(key="plan", value={
+            "uri": p.uri, "fingerprint": p.fingerprint, "cache_hit": p.cache_hit,
+            "examples": len(p.examples), "shards": len(p.units)})
+        self.log.info("%s: %d examples in %d shards over %d tasks%s", p.uri, len(p.examples),
+                      len(p.units), len(groups), " (cache hit)" if p.cache_hit else "")
+        return groups
+
+
+class TFRecordsShardsOperator(_TFRecordsOperator):
+    """Write a group of shards (one mapped task per group); finished shards are skipped.
+
+    :param units: ``[[split, index], ...]`` — one element of the plan's ``shard_groups``.
+    """
+
+    template_fields = (*_TFRecordsOperator.template_fields, "units")
+
+    def __init__(self, *, units: list, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.units = units
+
+    def execute(self, context) -> dict:
+        from petdet_tasks.tfrecords import write_shards
+
+        store, cfg, p = self._plan()
+        reports = write_shards(store, p, [tuple(u) for u in self.units], cfg)
+        return {"uri": p.uri, "fingerprint": p.fingerprint, "cache_hit": p.cache_hit,
+                "shards": [r["file"]["name"] for r in reports],
+                "examples": sum(r["examples"] for r in reports),
+                "quarantined": sum(len(r["quarantined"]) for r in reports)}
+
+
+class TFRecordsGatherOperator(_TFRecordsOperator):
+    """Check every shard is there, write ``data_report.json`` + ``label_map.pbtxt``, apply the
+    quality gate (fails the task with the reason) and commit the manifest."""
+
+    def execute(self, context) -> dict:
+        from petdet_tasks.tfrecords import gather
+
+        store, cfg, p = self._plan()
+        result = gather(store, p, cfg, run_id=context.get("run_id"))
+        self.log.info("%s %s", "cache hit:" if result.cache_hit else "committed", result.uri)
+        return result.to_xcom()

@@ -80,7 +80,11 @@ def dag():
 
 
 def test_retrain_dag_structure(dag):
-    assert dag.task_ids == ["download"]
+    assert sorted(dag.task_ids) == ["download", "tfrecords_gather", "tfrecords_plan",
+                            "tfrecords_shards"]
+    assert dag.get_task("tfrecords_plan").upstream_task_ids == {"download"}
+    assert dag.get_task("tfrecords_shards").upstream_task_ids == {"tfrecords_plan"}
+    assert dag.get_task("tfrecords_gather").upstream_task_ids == {"tfrecords_shards"}
     assert "petdet" in dag.tags
     assert dag.doc_md and "petdet_retrain" in dag.doc_md
     assert dag.schedule is not None or dag.timetable is not None
@@ -95,7 +99,12 @@ def test_retrain_dag_params_draw_a_typed_form(dag):
     assert params.get_param("source").schema["type"] == "string"
     assert params.get_param("store_root").schema["type"] == "string"
     assert params.get_param("force").schema["type"] == "boolean"
-    for name in ("source", "store_root", "aws_conn_id", "force"):
+    assert params.get_param("shards").schema["type"] == "integer"
+    assert params.get_param("val_fraction").schema["type"] == "number"
+    assert params.get_param("image_check").schema["enum"] == ["header", "full"]
+    for name in ("source", "store_root", "aws_conn_id", "force", "shards", "shard_tasks",
+                 "val_fraction", "image_check", "max_quarantine_fraction", "classes",
+                 "extra_data"):
         assert params.get_param(name).schema.get("title"), f"param {name} has no title"
 
 

@@ -38,14 +38,14 @@ def _dag():
     return bag.dags["petdet_retrain"]
 
 
-def _xcom(dag_run, task_id):
+def _xcom(dag_run, task_id, key="return_value"):
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
         row = session.query(XComModel).filter_by(
-            dag_id=dag_run.dag_id, run_id=dag_run.run_id, task_id=task_id, key="return_value"
-        ).one()
+            dag_id=dag_run.dag_id, run_id=dag_run.run_id, task_id=task_id, key=key,
+            map_index=-1).one()
         value = row.value
     return json.loads(value) if isinstance(value, str) else value
 
@@ -57,7 +57,9 @@ def test_dag_test_downloads_into_s3_then_hits_the_cache(airflow_db, seaweed, s3_
     root = f"s3://{seaweed.bucket}/dagtest-{uuid.uuid4().hex[:8]}"
     dag = _dag()
     with serve_directory(src) as server:
-        conf = {"source": server.url, "store_root": root, "aws_conn_id": aws_connection}
+        conf = {"source": server.url, "store_root": root, "aws_conn_id": aws_connection,
+                "classes": "present", "max_quarantine_fraction": 0.05, "shards": 2,
+                "shard_tasks": 2}
         run1 = dag.test(run_conf=conf)
         assert run1.state == "success"
         archive_gets = [r for r in server.requests if r.path.endswith(".tar.gz")]
@@ -73,12 +75,20 @@ def test_dag_test_downloads_into_s3_then_hits_the_cache(airflow_db, seaweed, s3_
         assert manifest is not None and manifest["outputs"]["images"] == summary["images"]
         assert manifest["writer"]["run_id"] == run1.run_id
 
+        tfr = _xcom(run1, "tfrecords_gather")
+        assert tfr["cache_hit"] is False and tfr["train"] > 0 and tfr["val"] > 0
+        assert tfr["quarantined"] == 1 and tfr["repaired"] == 4
+        assert read_manifest(store, f"tfrecords/{tfr['fingerprint']}/") is not None
+        assert _xcom(run1, "tfrecords_plan", key="plan")["fingerprint"] == tfr["fingerprint"]
+        assert len(_xcom(run1, "tfrecords_plan")) == 2  # shard groups, one per mapped task
+
         n = len(server.requests)
         run2 = dag.test(run_conf=conf)
         assert run2.state == "success"
         out2 = _xcom(run2, "download")
         assert out2["cache_hit"] is True and out2["fingerprint"] == out["fingerprint"]
         assert not [r for r in server.requests[n:] if r.path.endswith(".tar.gz")]
+        assert _xcom(run2, "tfrecords_gather")["cache_hit"] is True
 
     # the secret never reaches a log line or XCom
     captured = capfd.readouterr()

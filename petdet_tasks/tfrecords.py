@@ -1,0 +1,710 @@
+"""The TFRecord step: ``create_pet_tf_record.py`` done right.
+
+Three phases, so that Airflow can map the middle one over shard groups:
+
+* :func:`plan` — reads the dataset's list files (and the optional extra labelled data), assigns
+  every trainval image to train/val by a stable hash of its name and to a shard by another,
+  computes the fingerprint, and returns the shard units. No image is read.
+* :func:`write_shards` — for each unit ``(split, index)``: reads its images and XMLs from the
+  store, checks every image (:mod:`petdet_tasks.images`: format lies, CMYK/alpha repaired,
+  truncated/undecodable quarantined), clips boxes and drops degenerate ones, builds the OD API
+  ``tf.Example`` (:mod:`petdet_tasks.tfexample`, no TensorFlow import) and uploads
+  ``<split>-0000i-of-000NN.tfrecord`` plus a part report ``_parts/<split>-0000i.json``. A unit
+  whose part report is already there with its shard file is skipped (retries redo nothing).
+* :func:`gather` — under the commit protocol: checks every unit is present, merges the part
+  reports into ``data_report.json``, applies the quality gate, writes ``label_map.pbtxt`` and
+  the manifest.
+
+:func:`build` runs all three, the middle one in a process pool (the CLI).
+
+Splits are stable: an image's split depends only on its name and ``val_fraction``, so adding
+images never moves an existing image to the other split. Nothing is skipped without a line in
+``data_report.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from petdet_tasks.breeds import breed_of
+from petdet_tasks.images import CHECK_MODES, check_image
+from petdet_tasks.label_map import LabelMap, load_label_map, pets_label_map
+from petdet_tasks.layout import fingerprint, step_prefix
+from petdet_tasks.manifest import StepResult, StepWriter, load_output, read_manifest, run_step
+from petdet_tasks.store import FileEntry, NotFound, S3Store, Store, StoreError, open_store
+from petdet_tasks.tfexample import (
+    TFRecordWriter,
+    bytes_feature,
+    encode_example,
+    float_feature,
+    int64_feature,
+)
+
+log = logging.getLogger(__name__)
+
+STEP = "tfrecords"
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val")
+PARTS = "_parts/"
+HIST_BINS = 10
+
+
+class DataQualityError(ValueError):
+    """The data failed the quality gate; the message says which rule and the numbers."""
+
+
+@dataclass(frozen=True)
+class TFRecordConfig:
+    """:param num_shards: shards per split (``train-00000-of-000NN.tfrecord``).
+    :param val_fraction: share of trainval images that go to val (stable by name hash).
+    :param check: ``header`` (cheap: header + end-of-image marker) or ``full`` (decode pixels).
+    :param max_quarantine_fraction: fail when more of the labelled images are quarantined.
+    :param classes: ``all`` — every label-map class must have training examples; ``present``
+        — the written label map keeps only the classes that have (ids unchanged), e.g. for a
+        sample with a few breeds.
+    :param label_map: a label-map file (OD API text format); default: the 37 pets breeds.
+    :param extra_data: a prefix in the same store laid out like the dataset (``images/``,
+        ``annotations/xmls/``, ``annotations/trainval.txt`` or ``list.txt``), merged in.
+    :param jpeg_quality: quality of re-encoded (repaired) images.
+    """
+
+    num_shards: int = 10
+    val_fraction: float = 0.3
+    check: str = "header"
+    max_quarantine_fraction: float = 0.01
+    classes: str = "all"
+    label_map: str | None = None
+    extra_data: str | None = None
+    jpeg_quality: int = 95
+    force: bool = False
+
+    def validate(self) -> TFRecordConfig:
+        problems = []
+        if not (isinstance(self.num_shards, int) and 1 <= self.num_shards <= 10_000):
+            problems.append(f"num_shards must be an integer in 1..10000, got {self.num_shards!r}")
+        if not (0.0 < float(self.val_fraction) < 1.0):
+            problems.append(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        if self.check not in CHECK_MODES:
+            problems.append(f"check must be one of {CHECK_MODES}, got {self.check!r}")
+        if not (0.0 <= float(self.max_quarantine_fraction) <= 1.0):
+            problems.append("max_quarantine_fraction must be in [0, 1], got "
+                            f"{self.max_quarantine_fraction!r}")
+        if self.classes not in ("all", "present"):
+            problems.append(f"classes must be 'all' or 'present', got {self.classes!r}")
+        if not (50 <= int(self.jpeg_quality) <= 100):
+            problems.append(f"jpeg_quality must be in 50..100, got {self.jpeg_quality!r}")
+        if problems:
+            raise ValueError("invalid tfrecords config: " + "; ".join(problems))
+        return self
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TFRecordConfig:
+        """From loosely typed values (CLI, Airflow params rendered as text): coerced, validated;
+        unknown keys are an error, empty strings mean "not set"."""
+        fields = {f.name: f for f in cls.__dataclass_fields__.values()}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown tfrecords config keys {unknown}; expected some of "
+                             f"{sorted(fields)}")
+        out = {}
+        for k, v in values.items():
+            if v is None or (isinstance(v, str) and v.strip() in ("", "None")):
+                continue
+            kind = type(getattr(cls, k))
+            if kind is bool:
+                out[k] = v if isinstance(v, bool) else str(v).strip().lower() in (
+                    "1", "true", "yes", "on")
+            elif kind in (int, float):
+                try:
+                    out[k] = kind(v)
+                except (TypeError, ValueError):
+                    raise ValueError(f"tfrecords config {k}={v!r}: expected "
+                                     f"{kind.__name__}") from None
+            else:
+                out[k] = str(v)
+        return cls(**out).validate()
+
+    def label_map_obj(self) -> LabelMap:
+        return load_label_map(self.label_map) if self.label_map else pets_label_map()
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled image to write: where its bytes are and where it goes."""
+
+    name: str
+    image_key: str
+    xml_key: str
+    source: str  # "dataset" or "extra"
+    split: str
+    shard: int
+
+
+@dataclass
+class Plan:
+    fingerprint: str
+    uri: str
+    prefix: str
+    cache_hit: bool
+    units: list[tuple[str, int]]
+    examples: list[Example] = field(repr=False)
+    skipped: dict[str, list[dict]]  # reason → [{"name", "detail"}]: never silent
+    config: dict
+    inputs: dict
+
+    def groups(self, n_groups: int) -> list[list[list]]:
+        """The units split into ``n_groups`` JSON-able groups (for Airflow's ``expand``)."""
+        n = max(1, min(n_groups, len(self.units)))
+        return [[list(u) for u in self.units[i::n]] for i in range(n)]
+
+
+def _h(name: str, salt: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{salt}:{name}".encode()).digest()[:8], "big")
+
+
+def split_of(name: str, val_fraction: float) -> str:
+    """``val`` when the name's hash falls below ``val_fraction``: independent of other images."""
+    return "val" if _h(name, "split") / 2**64 < val_fraction else "train"
+
+
+def shard_of(name: str, num_shards: int) -> int:
+    return _h(name, "shard") % num_shards
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+    return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
+
+
+def _list_names(text: str) -> list[str]:
+    names = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            names.append(line.split()[0])
+    return names
+
+
+def _source_files(store: Store, base: str, manifest_files: dict | None) -> set[str]:
+    if manifest_files is not None:
+        return set(manifest_files)
+    return {o.key[len(base):] for o in store.list(base)}
+
+
+def _prefix_digest(store: Store, prefix: str) -> str:
+    """Content digest of everything under an (extra data) prefix."""
+    h = hashlib.sha256()
+    n = 0
+    for obj in store.list(prefix):
+        tag = obj.etag or hashlib.sha256(store.get_bytes(obj.key)[0]).hexdigest()
+        h.update(f"{obj.key[len(prefix):]}\0{obj.size}\0{tag}\n".encode())
+        n += 1
+    if n == 0:
+        raise StoreError(f"extra data prefix {store.uri(prefix)} is empty")
+    return h.hexdigest()
+
+
+def _extra_prefix(store: Store, extra: str) -> str:
+    root = store.root.rstrip("/") + "/"
+    rel = extra[len(root):] if extra.startswith(root) else extra
+    if "://" in rel or rel.startswith("/"):
+        raise ValueError(f"extra data {extra!r} must be a prefix inside the store {store.root}")
+    return rel.strip("/") + "/"
+
+
+def _examples_from(store: Store, base: str, files: set[str], source: str, cfg: TFRecordConfig,
+                   labels: LabelMap, skipped: dict[str, list]) -> list[Example]:
+    list_file = next((f for f in ("annotations/trainval.txt", "annotations/list.txt")
+                      if f in files), None)
+    if list_file is None:
+        raise FileNotFoundError(f"{store.uri(base)}: no annotations/trainval.txt or list.txt")
+    names = _list_names(store.read_text(base + list_file))
+    out = []
+    for name in names:
+        try:
+            breed = breed_of(name)
+            labels.id_of(breed)
+        except (KeyError, ValueError) as e:
+            skipped.setdefault("unknown_class", []).append({"name": name, "detail": str(e)})
+            continue
+        image = f"images/{name}.jpg"
+        xml = f"annotations/xmls/{name}.xml"
+        if image not in files:
+            skipped.setdefault("missing_image", []).append(
+                {"name": name, "detail": f"{list_file} lists it but {image} is absent"})
+            continue
+        if xml not in files:
+            skipped.setdefault("missing_xml", []).append(
+                {"name": name, "detail": f"no {xml}: no box to train on"})
+            continue
+        out.append(Example(name, base + image, base + xml, source,
+                           split_of(name, cfg.val_fraction), shard_of(name, cfg.num_shards)))
+    return out
+
+
+def plan(store: Store, dataset_uri: str, cfg: TFRecordConfig) -> Plan:
+    """Decide every example's split and shard and the output fingerprint (module doc)."""
+    cfg.validate()
+    labels = cfg.label_map_obj()
+    dataset = load_output(store, dataset_uri, expect_step="download")
+    base = step_prefix("download", dataset.fingerprint)
+    skipped: dict[str, list] = {}
+    examples = _examples_from(store, base, set(dataset.manifest["files"]), "dataset", cfg,
+                              labels, skipped)
+    inputs = {"dataset": dataset.fingerprint}
+    if cfg.extra_data:
+        extra = _extra_prefix(store, cfg.extra_data)
+        inputs["extra_data"] = _prefix_digest(store, extra)
+        extra_examples = _examples_from(store, extra, _source_files(store, extra, None), "extra",
+                                        cfg, labels, skipped)
+        clash = sorted({e.name for e in examples} & {e.name for e in extra_examples})
+        if clash:
+            raise DataQualityError(
+                f"extra data {store.uri(extra)} repeats {len(clash)} dataset image names "
+                f"(e.g. {', '.join(clash[:5])}): rename them so every image has one label")
+        examples += extra_examples
+    examples.sort(key=lambda e: e.name)
+    config = {
+        "num_shards": cfg.num_shards, "val_fraction": cfg.val_fraction, "check": cfg.check,
+        "classes": cfg.classes, "label_map": labels.to_json(), "jpeg_quality": cfg.jpeg_quality,
+    }
+    fp = fingerprint(STEP, SCHEMA_VERSION, inputs, config)
+    prefix = step_prefix(STEP, fp)
+    cache_hit = not cfg.force and read_manifest(store, prefix) is not None
+    units = [(s, i) for s in SPLITS for i in range(cfg.num_shards)]
+    return Plan(fp, store.uri(prefix.rstrip("/")), prefix, cache_hit, units, examples, skipped,
+                config, inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards
+# ---------------------------------------------------------------------------------------------
+
+_XML_PARSER = None
+
+
+def _xml_parser():
+    global _XML_PARSER
+    if _XML_PARSER is None:
+        from lxml import etree
+
+        _XML_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
+                                      dtd_validation=False, huge_tree=False, remove_comments=True,
+                                      remove_pis=True)
+    return _XML_PARSER
+
+
+def _text(node, path: str, default: str | None = None) -> str | None:
+    found = node.find(path)
+    if found is None or found.text is None:
+        return default
+    return found.text.strip()
+
+
+def parse_voc(data: bytes) -> dict:
+    """A PASCAL VOC annotation → ``{"width", "height", "objects": [...]}``, safely parsed
+    (no entity expansion, no DTD, no network). Raises ValueError naming what is wrong."""
+    from lxml import etree
+
+    try:
+        root = etree.fromstring(data, _xml_parser())
+    except etree.XMLSyntaxError as e:
+        raise ValueError(f"not well-formed XML: {e}") from None
+    if root.tag != "annotation":
+        raise ValueError(f"root element is <{root.tag}>, expected <annotation>")
+
+    def num(node, path, kind=float):
+        value = _text(node, path)
+        if value is None:
+            raise ValueError(f"missing <{path}>")
+        try:
+            return kind(float(value))
+        except ValueError:
+            raise ValueError(f"<{path}> is {value!r}, expected a number") from None
+
+    size = root.find("size")
+    width = num(size, "width", int) if size is not None and size.find("width") is not None \
+        else None
+    height = num(size, "height", int) if size is not None and size.find("height") is not None \
+        else None
+    objects = []
+    for obj in root.iter("object"):
+        box = obj.find("bndbox")
+        if box is None:
+            raise ValueError("an <object> has no <bndbox>")
+        objects.append({
+            "xmin": num(box, "xmin"), "ymin": num(box, "ymin"),
+            "xmax": num(box, "xmax"), "ymax": num(box, "ymax"),
+            "difficult": int(_text(obj, "difficult", "0") or 0),
+            "truncated": int(_text(obj, "truncated", "0") or 0),
+            "pose": _text(obj, "pose", "Unspecified") or "Unspecified",
+        })
+    return {"width": width, "height": height, "objects": objects}
+
+
+class _Hist:
+    """Mergeable summary of values in [0, 1]: count, min, max, mean, fixed-bin histogram."""
+
+    @staticmethod
+    def empty() -> dict:
+        return {"count": 0, "min": None, "max": None, "sum": 0.0, "bins": [0] * HIST_BINS}
+
+    @staticmethod
+    def add(h: dict, v: float) -> None:
+        h["count"] += 1
+        h["sum"] += v
+        h["min"] = v if h["min"] is None else min(h["min"], v)
+        h["max"] = v if h["max"] is None else max(h["max"], v)
+        h["bins"][min(HIST_BINS - 1, int(v * HIST_BINS))] += 1
+
+    @staticmethod
+    def merge(a: dict, b: dict) -> dict:
+        if b["count"] == 0:
+            return a
+        if a["count"] == 0:
+            return dict(b, bins=list(b["bins"]))
+        return {"count": a["count"] + b["count"], "min": min(a["min"], b["min"]),
+                "max": max(a["max"], b["max"]), "sum": a["sum"] + b["sum"],
+                "bins": [x + y for x, y in zip(a["bins"], b["bins"], strict=True)]}
+
+    @staticmethod
+    def final(h: dict) -> dict:
+        out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()
+               if k != "sum"}
+        out["mean"] = round(h["sum"] / h["count"], 4) if h["count"] else None
+        out["bin_edges"] = [round(i / HIST_BINS, 2) for i in range(HIST_BINS + 1)]
+        return out
+
+
+def build_example(name: str, image_bytes: bytes, xml_bytes: bytes, labels: LabelMap,
+                  cfg: TFRecordConfig, report: dict) -> bytes | None:
+    """The OD API tf.Example for one image, or None when it is quarantined (reason in report).
+
+    Boxes are normalised by the real image size (the XML's is only checked), clipped to the
+    image, and dropped when degenerate; every such event is counted in ``report``.
+    """
+    check = check_image(image_bytes, name=name, mode=cfg.check, jpeg_quality=cfg.jpeg_quality)
+    if check.status == "quarantined":
+        report["quarantined"].append({"name": name, "reason": check.reason})
+        return None
+    try:
+        voc = parse_voc(xml_bytes)
+    except ValueError as e:
+        report["quarantined"].append({"name": name, "reason": f"bad XML: {e}"})
+        return None
+    if check.status == "repaired":
+        report["repaired"].append({"name": name, "reason": check.reason})
+    width, height = check.width, check.height
+    if (voc["width"], voc["height"]) != (width, height):
+        report["size_mismatch"].append({"name": name, "xml": [voc["width"], voc["height"]],
+                                        "image": [width, height]})
+    breed = breed_of(name)
+    label = labels.id_of(breed)
+    xmin, ymin, xmax, ymax, difficult, truncated, poses = [], [], [], [], [], [], []
+    for obj in voc["objects"]:
+        raw = (obj["xmin"] / width, obj["ymin"] / height, obj["xmax"] / width,
+               obj["ymax"] / height)
+        box = tuple(min(1.0, max(0.0, v)) for v in raw)
+        if box != raw:
+            report["clipped"].append({"name": name, "box": [round(v, 4) for v in raw]})
+        if (box[2] - box[0]) * width < 1.0 or (box[3] - box[1]) * height < 1.0:
+            report["dropped"].append({"name": name, "box": [round(v, 4) for v in raw],
+                                      "reason": "degenerate box (under 1 px wide or high)"})
+            continue
+        xmin.append(box[0])
+        ymin.append(box[1])
+        xmax.append(box[2])
+        ymax.append(box[3])
+        difficult.append(obj["difficult"])
+        truncated.append(obj["truncated"])
+        poses.append(obj["pose"])
+        w, h = box[2] - box[0], box[3] - box[1]
+        _Hist.add(report["box_width"], w)
+        _Hist.add(report["box_height"], h)
+        _Hist.add(report["box_area"], w * h)
+    if not xmin:
+        report["no_boxes"].append(name)
+    data = check.data
+    filename = f"{name}.jpg"
+    report["per_class"][breed] = report["per_class"].get(breed, 0) + 1
+    report["boxes"] += len(xmin)
+    return encode_example({
+        "image/height": int64_feature(height),
+        "image/width": int64_feature(width),
+        "image/filename": bytes_feature(filename),
+        "image/source_id": bytes_feature(filename),
+        "image/key/sha256": bytes_feature(hashlib.sha256(data).hexdigest()),
+        "image/encoded": bytes_feature(data),
+        "image/format": bytes_feature("jpeg"),
+        "image/object/bbox/xmin": float_feature(xmin),
+        "image/object/bbox/xmax": float_feature(xmax),
+        "image/object/bbox/ymin": float_feature(ymin),
+        "image/object/bbox/ymax": float_feature(ymax),
+        "image/object/class/text": bytes_feature([breed] * len(xmin)),
+        "image/object/class/label": int64_feature([label] * len(xmin)),
+        "image/object/difficult": int64_feature(difficult),
+        "image/object/truncated": int64_feature(truncated),
+        "image/object/view": bytes_feature(poses),
+    })
+
+
+def _new_report(split: str, index: int) -> dict:
+    return {"split": split, "shard": index, "examples": 0, "boxes": 0, "per_class": {},
+            "repaired": [], "quarantined": [], "size_mismatch": [], "clipped": [], "dropped": [],
+            "no_boxes": [], "box_width": _Hist.empty(), "box_height": _Hist.empty(),
+            "box_area": _Hist.empty()}
+
+
+def _prefetch(store: Store, keys: list[tuple[str, str]], window: int = 16
+              ) -> Iterator[tuple[bytes, bytes]]:
+    """(image, xml) bytes in order, fetched ahead by a few threads (S3 latency hidden)."""
+    if not keys:
+        return
+    with ThreadPoolExecutor(max_workers=min(8, window)) as pool:
+        futures = []
+        it = iter(keys)
+        for pair in it:
+            futures.append((pool.submit(store.get_bytes, pair[0]),
+                            pool.submit(store.get_bytes, pair[1])))
+            if len(futures) >= window:
+                break
+        while futures:
+            fi, fx = futures.pop(0)
+            nxt = next(it, None)
+            if nxt is not None:
+                futures.append((pool.submit(store.get_bytes, nxt[0]),
+                                pool.submit(store.get_bytes, nxt[1])))
+            yield fi.result()[0], fx.result()[0]
+
+
+def write_shard(store: Store, p: Plan, split: str, index: int, cfg: TFRecordConfig,
+                dataset_files: dict | None = None) -> dict:
+    """Write one shard + its part report (skipped when both are already there)."""
+    n = cfg.num_shards
+    rel = shard_name(split, index, n)
+    part_key = f"{p.prefix}{PARTS}{split}-{index:05d}.json"
+    try:
+        existing = json.loads(store.get_bytes(part_key)[0])
+        listed = {o.key: o.size for o in store.list(p.prefix + rel)}
+        if not cfg.force and listed.get(p.prefix + rel) == existing["file"]["size"]:
+            log.info("%s already written (%d examples); skipping", rel, existing["examples"])
+            return existing
+    except NotFound:
+        pass
+    labels = cfg.label_map_obj()
+    mine = [e for e in p.examples if e.split == split and e.shard == index]
+    report = _new_report(split, index)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="petdet-shard-") as tmp:
+        local = Path(tmp) / rel
+        with TFRecordWriter(local) as writer:
+            pairs = _prefetch(store, [(e.image_key, e.xml_key) for e in mine])
+            for ex, (image, xml) in zip(mine, pairs, strict=True):
+                _verify_source(ex, image, dataset_files)
+                record = build_example(ex.name, image, xml, labels, cfg, report)
+                if record is not None:
+                    writer.write(record)
+                    report["examples"] += 1
+        entry = store.put_file(p.prefix + rel, local)
+    report["file"] = {"name": rel, **entry.to_json()}
+    report["seconds"] = round(time.monotonic() - started, 3)
+    store.put_bytes(part_key, json.dumps(report, sort_keys=True).encode())
+    log.info("%s: %d examples, %d repaired, %d quarantined (%.1fs)", rel, report["examples"],
+             len(report["repaired"]), len(report["quarantined"]), report["seconds"])
+    return report
+
+
+def _verify_source(ex: Example, image: bytes, dataset_files: dict | None) -> None:
+    if dataset_files is None or ex.source != "dataset":
+        return
+    rel = ex.image_key.split("/", 2)[2]
+    expected = dataset_files.get(rel, {}).get("sha256")
+    if expected and hashlib.sha256(image).hexdigest() != expected:
+        raise StoreError(f"{ex.image_key} does not match the dataset manifest's sha256 "
+                         f"{expected}: the stored dataset is corrupt; re-run download with force")
+
+
+def write_shards(store: Store, p: Plan, units: Iterable[tuple[str, int]], cfg: TFRecordConfig
+                 ) -> list[dict]:
+    """Write the given units sequentially (one Airflow mapped task, or one pool worker)."""
+    if p.cache_hit:
+        log.info("cache hit: %s is complete; no shard to write", p.uri)
+        return []
+    files = load_output(store, _dataset_uri(store, p), expect_step="download").manifest["files"]
+    return [write_shard(store, p, s, i, cfg, files) for s, i in units]
+
+
+def _dataset_uri(store: Store, p: Plan) -> str:
+    return store.uri(step_prefix("download", p.inputs["dataset"]).rstrip("/"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gather
+# ---------------------------------------------------------------------------------------------
+
+def _merge(reports: list[dict], skipped: dict[str, list]) -> dict:
+    per_split: dict[str, dict] = {}
+    for split in SPLITS:
+        rs = [r for r in reports if r["split"] == split]
+        per_class = Counter()
+        for r in rs:
+            per_class.update(r["per_class"])
+        per_split[split] = {"examples": sum(r["examples"] for r in rs),
+                            "boxes": sum(r["boxes"] for r in rs),
+                            "per_class": dict(sorted(per_class.items())),
+                            "shards": len(rs)}
+    lists = {k: sorted((x for r in reports for x in r[k]), key=lambda x: json.dumps(x))
+             for k in ("repaired", "quarantined", "size_mismatch", "clipped", "dropped",
+                       "no_boxes")}
+    hists = {}
+    for k in ("box_width", "box_height", "box_area"):
+        h = _Hist.empty()
+        for r in reports:
+            h = _Hist.merge(h, r[k])
+        hists[k] = _Hist.final(h)
+    written = sum(v["examples"] for v in per_split.values())
+    return {
+        "splits": per_split,
+        "written": written,
+        "repaired": lists["repaired"],
+        "quarantined": lists["quarantined"],
+        "skipped": {k: sorted(v, key=lambda x: x["name"]) for k, v in sorted(skipped.items())},
+        "size_mismatch": lists["size_mismatch"],
+        "boxes_clipped": lists["clipped"],
+        "boxes_dropped": lists["dropped"],
+        "images_without_boxes": lists["no_boxes"],
+        "box_stats": hists,
+        "counts": {
+            "written": written, "repaired": len(lists["repaired"]),
+            "quarantined": len(lists["quarantined"]),
+            **{f"skipped_{k}": len(v) for k, v in sorted(skipped.items())},
+            "size_mismatch": len(lists["size_mismatch"]),
+            "boxes_clipped": len(lists["clipped"]), "boxes_dropped": len(lists["dropped"]),
+            "images_without_boxes": len(lists["no_boxes"]),
+        },
+    }
+
+
+def quality_gate(report: dict, labels: LabelMap, cfg: TFRecordConfig) -> LabelMap:
+    """Raise :class:`DataQualityError` on a bad dataset; return the label map to write."""
+    labelled = report["written"] + len(report["quarantined"])
+    quarantined = len(report["quarantined"])
+    if labelled == 0:
+        raise DataQualityError("no labelled image could be used: every split is empty "
+                               f"(skipped: {report['counts']})")
+    frac = quarantined / labelled
+    if frac > cfg.max_quarantine_fraction:
+        reasons = Counter(q["reason"].split(":")[0] for q in report["quarantined"])
+        raise DataQualityError(
+            f"{quarantined} of {labelled} labelled images were quarantined ({frac:.1%}), more "
+            f"than max_quarantine_fraction={cfg.max_quarantine_fraction:.1%}; reasons: "
+            f"{dict(reasons)}; see data_report.json in the shard parts")
+    for split in SPLITS:
+        if report["splits"][split]["examples"] == 0:
+            raise DataQualityError(f"the {split} split is empty "
+                                   f"({report['written']} examples in all)")
+    present = report["splits"]["train"]["per_class"]
+    if cfg.classes == "present":
+        return labels.subset([n for n in labels.names if present.get(n)])
+    missing = [n for n in labels.names if not present.get(n)]
+    if missing:
+        raise DataQualityError(
+            f"{len(missing)} of {len(labels)} label-map classes have no training example: "
+            f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''} (use classes="
+            "'present' to train on the classes the data has)")
+    return labels
+
+
+def gather(store: Store, p: Plan, cfg: TFRecordConfig, *, run_id: str | None = None
+           ) -> StepResult:
+    """Commit the step: every shard present, report merged, gate passed, manifest last."""
+    labels = cfg.label_map_obj()
+
+    def body(writer: StepWriter) -> dict:
+        reports, missing = [], []
+        for split, index in p.units:
+            key = f"{p.prefix}{PARTS}{split}-{index:05d}.json"
+            try:
+                data = store.get_bytes(key)[0]
+            except NotFound:
+                missing.append(shard_name(split, index, cfg.num_shards))
+                continue
+            report = json.loads(data)
+            reports.append(report)
+            writer.register(report["file"]["name"], FileEntry(report["file"]["size"],
+                                                              report["file"]["sha256"]))
+            writer.register(key[len(p.prefix):], FileEntry(len(data),
+                                                           hashlib.sha256(data).hexdigest()))
+        if missing:
+            raise StoreError(f"{len(missing)} shards of {p.uri} are not written yet: "
+                             f"{', '.join(missing[:5])}; run the shard tasks first")
+        merged = _merge(reports, p.skipped)
+        written_labels = quality_gate(merged, labels, cfg)
+        merged["label_map"] = written_labels.to_json()
+        writer.put_bytes("label_map.pbtxt", written_labels.to_pbtxt().encode())
+        writer.put_json("data_report.json", merged)
+        c = merged["counts"]
+        log.info("tfrecords: %d train / %d val examples, %d repaired, %d quarantined, "
+                 "%d boxes clipped, %d dropped", merged["splits"]["train"]["examples"],
+                 merged["splits"]["val"]["examples"], c["repaired"], c["quarantined"],
+                 c["boxes_clipped"], c["boxes_dropped"])
+        return {"train": merged["splits"]["train"]["examples"],
+                "val": merged["splits"]["val"]["examples"],
+                "classes": len(written_labels), "num_shards": cfg.num_shards,
+                "repaired": c["repaired"], "quarantined": c["quarantined"]}
+
+    return run_step(store, STEP, SCHEMA_VERSION, inputs=p.inputs, config=p.config, body=body,
+                    force=cfg.force, resume=True, fp=p.fingerprint, run_id=run_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything in one call (the CLI)
+# ---------------------------------------------------------------------------------------------
+
+def _pool_worker(root: str, p: Plan, cfg: TFRecordConfig, units: list) -> list[dict]:
+    return write_shards(open_store(root), p, [tuple(u) for u in units], cfg)
+
+
+def build(store: Store, dataset_uri: str, cfg: TFRecordConfig, *, workers: int | None = None,
+          run_id: str | None = None) -> StepResult:
+    """plan → shards (in ``workers`` processes) → gather."""
+    p = plan(store, dataset_uri, cfg)
+    if p.cache_hit:
+        return gather(store, p, cfg, run_id=run_id)
+    workers = workers or os.cpu_count() or 1
+    groups = p.groups(workers)
+    explicit_client = isinstance(store, S3Store) and store.has_explicit_client
+    started = time.monotonic()
+    if workers <= 1 or len(groups) <= 1:
+        write_shards(store, p, p.units, cfg)
+    elif explicit_client:
+        # a client handed in (e.g. from an Airflow connection) cannot cross processes
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(lambda g: write_shards(store, p, [tuple(u) for u in g], cfg), groups))
+    else:
+        ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = [pool.submit(_pool_worker, store.root, p, cfg, g)
+                       for g in groups]
+            for f in futures:
+                f.result()
+    n = len(p.examples)
+    secs = time.monotonic() - started
+    log.info("wrote %d shards for %d examples in %.1fs (%.0f images/s, %d workers)",
+             len(p.units), n, secs, n / secs if secs else math.inf, workers)
+    return gather(store, p, cfg, run_id=run_id)
