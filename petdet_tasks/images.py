@@ -257,6 +257,46 @@ def _repair(img: Image.Image, fmt: str, name: str, jpeg_quality: int) -> tuple[b
     return buf.getvalue(), "; ".join(notes)
 
 
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # not DHT, JPG, DAC
+_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}  # RSTn, TEM: no length field
+
+
+def _jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from a JPEG's start-of-frame segment, walking the marker
+    segments before it by their lengths (a few µs, no Pillow). None when the structure is
+    anything but plain — the caller then asks Pillow, which explains what is wrong."""
+    if not data.startswith(_SOI):
+        return None
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        while pos < end and data[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= end:
+            return None
+        marker = data[pos]
+        pos += 1
+        if marker in _STANDALONE:
+            continue
+        if marker in (0xD8, 0xD9, 0xDA) or pos + 2 > end:
+            return None  # SOI again, EOI or scan data before any frame header
+        length = int.from_bytes(data[pos:pos + 2], "big")
+        if length < 2:
+            return None
+        if marker in _SOF_MARKERS:
+            if length < 8 or pos + 8 > end:
+                return None
+            height = int.from_bytes(data[pos + 3:pos + 5], "big")
+            width = int.from_bytes(data[pos + 5:pos + 7], "big")
+            components = data[pos + 7]
+            if not width or not height:
+                return None  # height defined later by a DNL marker: let Pillow handle it
+            return width, height, components
+        pos += length
+    return None
+
+
 def check_image(
     data: bytes, *, name: str = "", mode: str = "header", jpeg_quality: int = 95
 ) -> ImageCheck:
@@ -273,6 +313,18 @@ def check_image(
         data = bytes(data)
     if not data:
         return _quarantine("empty file")
+
+    if mode == "header":
+        # fast path for the common case, a plain RGB or grayscale JPEG: read the frame header
+        # ourselves (Pillow's header parse costs ~5x more) and check the end-of-image marker
+        frame = _jpeg_frame(data)
+        if frame is not None and frame[2] in (1, 3):
+            width, height, components = frame
+            src_mode = "L" if components == 1 else "RGB"
+            known = {"size": (width, height), "fmt": "JPEG", "mode": src_mode}
+            if not _has_eoi(data):
+                return _quarantine(_TRUNCATED, **known)
+            return ImageCheck("ok", data, width, height, "JPEG", src_mode, None)
 
     try:
         img = Image.open(BytesIO(data))

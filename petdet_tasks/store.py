@@ -106,6 +106,7 @@ class Store(ABC):
     """The storage interface every step uses. Keys are relative to :attr:`root`."""
 
     root: str
+    remote: bool  # True when each request pays network latency
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.root!r})"
@@ -115,8 +116,19 @@ class Store(ABC):
         return self.root.rstrip("/") + ("/" + key if key else "")
 
     @abstractmethod
-    def put_file(self, key: str, path: str | os.PathLike) -> FileEntry:
-        """Upload a local file (streamed); returns its size and sha256."""
+    def put_file(self, key: str, path: str | os.PathLike, *, entry: FileEntry | None = None,
+                 move: bool = False) -> FileEntry:
+        """Upload a local file (streamed); returns its size and sha256.
+
+        :param entry: the file's size and sha256 when the caller already has them (computed
+            while writing it): saves reading the file once more.
+        :param move: the caller gives the file up: a local store renames it into place
+            instead of copying (when ``path`` is in :meth:`scratch_dir`).
+        """
+
+    def scratch_dir(self) -> Path | None:
+        """A folder for files about to be put with ``move=True`` (None: any temp folder)."""
+        return None
 
     @abstractmethod
     def put_bytes(
@@ -187,6 +199,8 @@ class Store(ABC):
 class LocalStore(Store):
     """A directory used as an object store (the embedded default and the demo)."""
 
+    remote = False
+
     def __init__(self, root: str | os.PathLike):
         path = Path(str(root).removeprefix("file://")).expanduser().resolve()
         self.path = path
@@ -213,11 +227,22 @@ class LocalStore(Store):
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     @staticmethod
-    def _etag(data: bytes) -> str:
-        return hashlib.sha256(data).hexdigest()
+    def _etag(st: os.stat_result) -> str:
+        """Identity of one version of a file. Every write makes a new inode (temp file, then
+        rename/link), so inode + mtime + size change with every version; costs no read."""
+        return f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
 
-    def put_file(self, key: str, path: str | os.PathLike) -> FileEntry:
+    def scratch_dir(self) -> Path:
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        return self._tmp
+
+    def put_file(self, key: str, path: str | os.PathLike, *, entry: FileEntry | None = None,
+                 move: bool = False) -> FileEntry:
         dest = self._p(key)
+        if move and entry is not None and self._tmp in Path(path).resolve().parents:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, dest)  # same filesystem: atomic, no copy
+            return entry
         tmp = self._tmpfile()
         h = hashlib.sha256()
         size = 0
@@ -241,6 +266,7 @@ class LocalStore(Store):
         tmp = self._tmpfile()
         try:
             tmp.write_bytes(data)
+            etag = self._etag(os.stat(tmp))
             with self._key_lock(key):
                 if if_absent:
                     try:
@@ -249,7 +275,7 @@ class LocalStore(Store):
                         raise PreconditionFailed(f"{self.uri(key)} already exists") from None
                 elif if_match is not None:
                     try:
-                        current = self._etag(dest.read_bytes())
+                        current = self._etag(os.stat(dest))
                     except FileNotFoundError:
                         raise PreconditionFailed(f"{self.uri(key)} no longer exists") from None
                     if current != if_match:
@@ -261,14 +287,14 @@ class LocalStore(Store):
                     os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
-        return self._etag(data)
+        return etag
 
     def get_bytes(self, key: str) -> tuple[bytes, str]:
         try:
-            data = self._p(key).read_bytes()
+            with open(self._p(key), "rb") as f:
+                return f.read(), self._etag(os.fstat(f.fileno()))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(f"{self.uri(key)} does not exist") from None
-        return data, self._etag(data)
 
     def exists(self, key: str) -> bool:
         return self._p(key).is_file()
@@ -316,6 +342,8 @@ class LocalStore(Store):
 
 class S3Store(Store):
     """``s3://bucket/prefix`` over a boto3 client (thread-safe; used from worker threads)."""
+
+    remote = True  # per-request latency: worth fetching ahead in threads
 
     MULTIPART_THRESHOLD = 64 << 20
     MULTIPART_CHUNK = 16 << 20
@@ -368,9 +396,10 @@ class S3Store(Store):
             return StoreError(f"{action} {self.uri(key)} failed: {code} (HTTP {status})")
         return StoreError(f"{action} {self.uri(key)} failed: {type(exc).__name__}: {exc}")
 
-    def put_file(self, key: str, path: str | os.PathLike) -> FileEntry:
+    def put_file(self, key: str, path: str | os.PathLike, *, entry: FileEntry | None = None,
+                 move: bool = False) -> FileEntry:
         k = self._k(key)
-        entry = sha256_file(path)
+        entry = entry or sha256_file(path)
         try:
             self.client.upload_file(str(path), self.bucket, k, Config=self._transfer_config())
         except Exception as e:

@@ -30,6 +30,8 @@ uint32 masked_crc32c(data)``, all little-endian, CRC-32C from ``google_crc32c`` 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import operator
 import os
@@ -191,6 +193,13 @@ def _map_order(key: bytes) -> bytes:
     return key + b"\xff"
 
 
+@functools.lru_cache(maxsize=1024)
+def _key_parts(key: str) -> tuple[bytes, bytes]:
+    """(sort order, encoded ``key`` field of the map entry) — the same few keys every time."""
+    kb = key.encode("utf-8")
+    return _map_order(kb), _TAG_1_LEN + _varint(len(kb)) + kb
+
+
 def encode_example(features: Mapping[str, Feature]) -> bytes:
     """Serialize a ``tf.train.Example`` holding ``features`` (deterministic byte output)."""
     entries: list[tuple[bytes, bytes, Feature]] = []
@@ -202,18 +211,17 @@ def encode_example(features: Mapping[str, Feature]) -> bytes:
                 f"encode_example: feature {key!r} is a {type(feature).__name__}, not a Feature "
                 "(build it with bytes_feature/int64_feature/float_feature)"
             )
-        kb = key.encode("utf-8")
-        entries.append((_map_order(kb), kb, feature))
+        order, key_part = _key_parts(key)
+        entries.append((order, key_part, feature))
     entries.sort(key=operator.itemgetter(0))
 
     chunks: list[bytes] = []
     features_size = 0
-    for _, kb, feature in entries:
-        key_len = _varint(len(kb))
+    for _, key_part, feature in entries:
         value_len = _varint(feature._size)
-        entry_size = 1 + len(key_len) + len(kb) + 1 + len(value_len) + feature._size
+        entry_size = len(key_part) + 1 + len(value_len) + feature._size
         entry_len = _varint(entry_size)
-        chunks += (_TAG_1_LEN, entry_len, _TAG_1_LEN, key_len, kb, _TAG_2_LEN, value_len)
+        chunks += (_TAG_1_LEN, entry_len, key_part, _TAG_2_LEN, value_len)
         chunks += feature._chunks
         features_size += 1 + len(entry_len) + entry_size
     # Example.features is a set submessage: emitted even when empty (as ``0a 00``).
@@ -403,8 +411,10 @@ class TFRecordWriter:
     """Write a TFRecord file (uncompressed), byte-identical to ``tf.io.TFRecordWriter``.
 
     ``.records`` and ``.bytes`` count what was written (``bytes`` includes the 16 bytes of
-    framing per record). Use it as a context manager; the file is closed on exit, also after an
-    error — the partial file stays, it is the caller's job not to publish it.
+    framing per record) and ``.sha256`` is the file's digest so far (hashed as it is written,
+    so publishing the file needs no second read). Use it as a context manager; the file is
+    closed on exit, also after an error — the partial file stays, it is the caller's job not
+    to publish it.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -412,6 +422,11 @@ class TFRecordWriter:
         self._file: BinaryIO | None = open(self.path, "wb")  # closed in close()
         self.records = 0
         self.bytes = 0
+        self._hash = hashlib.sha256()
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
 
     def write(self, record: bytes) -> None:
         if self._file is None:
@@ -423,10 +438,15 @@ class TFRecordWriter:
                 )
             record = bytes(record)
         length = _LEN.pack(len(record))
-        f = self._file
-        f.write(length + _CRC.pack(masked_crc32c(length)))
+        head = length + _CRC.pack(masked_crc32c(length))
+        tail = _CRC.pack(masked_crc32c(record))
+        f, h = self._file, self._hash
+        f.write(head)
         f.write(record)
-        f.write(_CRC.pack(masked_crc32c(record)))
+        f.write(tail)
+        h.update(head)
+        h.update(record)
+        h.update(tail)
         self.records += 1
         self.bytes += len(record) + 16
 

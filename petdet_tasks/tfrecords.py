@@ -24,6 +24,7 @@ images never moves an existing image to the other split. Nothing is skipped with
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -164,6 +165,7 @@ class Plan:
     cache_hit: bool
     units: list[tuple[str, int]]
     examples: list[Example] = field(repr=False)
+    dataset_files: dict = field(repr=False)  # the dataset manifest's files: sizes + sha256
     skipped: dict[str, list[dict]]  # reason → [{"name", "detail"}]: never silent
     config: dict
     inputs: dict
@@ -287,8 +289,8 @@ def plan(store: Store, dataset_uri: str, cfg: TFRecordConfig) -> Plan:
     prefix = step_prefix(STEP, fp)
     cache_hit = not cfg.force and read_manifest(store, prefix) is not None
     units = [(s, i) for s in SPLITS for i in range(cfg.num_shards)]
-    return Plan(fp, store.uri(prefix.rstrip("/")), prefix, cache_hit, units, examples, skipped,
-                config, inputs)
+    return Plan(fp, store.uri(prefix.rstrip("/")), prefix, cache_hit, units, examples,
+                dataset.manifest["files"], skipped, config, inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,13 +311,6 @@ def _xml_parser():
     return _XML_PARSER
 
 
-def _text(node, path: str, default: str | None = None) -> str | None:
-    found = node.find(path)
-    if found is None or found.text is None:
-        return default
-    return found.text.strip()
-
-
 def parse_voc(data: bytes) -> dict:
     """A PASCAL VOC annotation → ``{"width", "height", "objects": [...]}``, safely parsed
     (no entity expansion, no DTD, no network). Raises ValueError naming what is wrong."""
@@ -328,31 +323,43 @@ def parse_voc(data: bytes) -> dict:
     if root.tag != "annotation":
         raise ValueError(f"root element is <{root.tag}>, expected <annotation>")
 
-    def num(node, path, kind=float):
-        value = _text(node, path)
-        if value is None:
-            raise ValueError(f"missing <{path}>")
+    def texts(node) -> dict:
+        # one pass over the children: much cheaper than an ElementPath lookup per field
+        return {c.tag: c.text for c in node} if node is not None else {}
+
+    def num(values: dict, tag: str, kind=float):
+        value = values.get(tag)
+        if value is None or not value.strip():
+            raise ValueError(f"missing <{tag}>")
         try:
             return kind(float(value))
         except ValueError:
-            raise ValueError(f"<{path}> is {value!r}, expected a number") from None
+            raise ValueError(f"<{tag}> is {value.strip()!r}, expected a number") from None
 
-    size = root.find("size")
-    width = num(size, "width", int) if size is not None and size.find("width") is not None \
-        else None
-    height = num(size, "height", int) if size is not None and size.find("height") is not None \
-        else None
+    def flag(values: dict, tag: str) -> int:
+        value = (values.get(tag) or "0").strip() or "0"
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"<{tag}> is {value!r}, expected 0 or 1") from None
+
+    top = {c.tag: c for c in root}
+    size = texts(top.get("size"))
+    width = num(size, "width", int) if "width" in size else None
+    height = num(size, "height", int) if "height" in size else None
     objects = []
-    for obj in root.iter("object"):
-        box = obj.find("bndbox")
-        if box is None:
+    for obj in root.iterchildren("object"):
+        fields = {c.tag: c for c in obj}
+        if "bndbox" not in fields:
             raise ValueError("an <object> has no <bndbox>")
+        box = texts(fields["bndbox"])
+        values = {k: v.text for k, v in fields.items()}
         objects.append({
             "xmin": num(box, "xmin"), "ymin": num(box, "ymin"),
             "xmax": num(box, "xmax"), "ymax": num(box, "ymax"),
-            "difficult": int(_text(obj, "difficult", "0") or 0),
-            "truncated": int(_text(obj, "truncated", "0") or 0),
-            "pose": _text(obj, "pose", "Unspecified") or "Unspecified",
+            "difficult": flag(values, "difficult"),
+            "truncated": flag(values, "truncated"),
+            "pose": (values.get("pose") or "").strip() or "Unspecified",
         })
     return {"width": width, "height": height, "objects": objects}
 
@@ -392,11 +399,13 @@ class _Hist:
 
 
 def build_example(name: str, image_bytes: bytes, xml_bytes: bytes, labels: LabelMap,
-                  cfg: TFRecordConfig, report: dict) -> bytes | None:
+                  cfg: TFRecordConfig, report: dict, *, image_sha256: str | None = None
+                  ) -> bytes | None:
     """The OD API tf.Example for one image, or None when it is quarantined (reason in report).
 
     Boxes are normalised by the real image size (the XML's is only checked), clipped to the
     image, and dropped when degenerate; every such event is counted in ``report``.
+    ``image_sha256`` (of ``image_bytes``, when the caller has it) saves hashing them again.
     """
     check = check_image(image_bytes, name=name, mode=cfg.check, jpeg_quality=cfg.jpeg_quality)
     if check.status == "quarantined":
@@ -440,6 +449,8 @@ def build_example(name: str, image_bytes: bytes, xml_bytes: bytes, labels: Label
     if not xmin:
         report["no_boxes"].append(name)
     data = check.data
+    if image_sha256 is None or data is not image_bytes:
+        image_sha256 = hashlib.sha256(data).hexdigest()
     filename = f"{name}.jpg"
     report["per_class"][breed] = report["per_class"].get(breed, 0) + 1
     report["boxes"] += len(xmin)
@@ -448,7 +459,7 @@ def build_example(name: str, image_bytes: bytes, xml_bytes: bytes, labels: Label
         "image/width": int64_feature(width),
         "image/filename": bytes_feature(filename),
         "image/source_id": bytes_feature(filename),
-        "image/key/sha256": bytes_feature(hashlib.sha256(data).hexdigest()),
+        "image/key/sha256": bytes_feature(image_sha256),
         "image/encoded": bytes_feature(data),
         "image/format": bytes_feature("jpeg"),
         "image/object/bbox/xmin": float_feature(xmin),
@@ -470,9 +481,14 @@ def _new_report(split: str, index: int) -> dict:
             "box_area": _Hist.empty()}
 
 
-def _prefetch(store: Store, keys: list[tuple[str, str]], window: int = 16
-              ) -> Iterator[tuple[bytes, bytes]]:
-    """(image, xml) bytes in order, fetched ahead by a few threads (S3 latency hidden)."""
+def _read_pairs(store: Store, keys: list[tuple[str, str]], window: int = 16
+                ) -> Iterator[tuple[bytes, bytes]]:
+    """(image, xml) bytes in order; from a remote store fetched ahead by a few threads (S3
+    latency hidden), from a local one read directly (threads would only add overhead)."""
+    if not store.remote:
+        for image_key, xml_key in keys:
+            yield store.get_bytes(image_key)[0], store.get_bytes(xml_key)[0]
+        return
     if not keys:
         return
     with ThreadPoolExecutor(max_workers=min(8, window)) as pool:
@@ -510,17 +526,20 @@ def write_shard(store: Store, p: Plan, split: str, index: int, cfg: TFRecordConf
     mine = [e for e in p.examples if e.split == split and e.shard == index]
     report = _new_report(split, index)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="petdet-shard-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="petdet-shard-", dir=store.scratch_dir()) as tmp:
         local = Path(tmp) / rel
         with TFRecordWriter(local) as writer:
-            pairs = _prefetch(store, [(e.image_key, e.xml_key) for e in mine])
+            pairs = _read_pairs(store, [(e.image_key, e.xml_key) for e in mine])
             for ex, (image, xml) in zip(mine, pairs, strict=True):
-                _verify_source(ex, image, dataset_files)
-                record = build_example(ex.name, image, xml, labels, cfg, report)
+                sha = hashlib.sha256(image).hexdigest()
+                _verify_source(ex, sha, dataset_files)
+                record = build_example(ex.name, image, xml, labels, cfg, report,
+                                       image_sha256=sha)
                 if record is not None:
                     writer.write(record)
                     report["examples"] += 1
-        entry = store.put_file(p.prefix + rel, local)
+        entry = store.put_file(p.prefix + rel, local, move=True,
+                               entry=FileEntry(writer.bytes, writer.sha256))
     report["file"] = {"name": rel, **entry.to_json()}
     report["seconds"] = round(time.monotonic() - started, 3)
     store.put_bytes(part_key, json.dumps(report, sort_keys=True).encode())
@@ -529,12 +548,14 @@ def write_shard(store: Store, p: Plan, split: str, index: int, cfg: TFRecordConf
     return report
 
 
-def _verify_source(ex: Example, image: bytes, dataset_files: dict | None) -> None:
+def _verify_source(ex: Example, sha256: str, dataset_files: dict | None) -> None:
+    """The image read is the one the dataset manifest recorded (the hash is needed anyway for
+    ``image/key/sha256``, so this check is free)."""
     if dataset_files is None or ex.source != "dataset":
         return
     rel = ex.image_key.split("/", 2)[2]
     expected = dataset_files.get(rel, {}).get("sha256")
-    if expected and hashlib.sha256(image).hexdigest() != expected:
+    if expected and sha256 != expected:
         raise StoreError(f"{ex.image_key} does not match the dataset manifest's sha256 "
                          f"{expected}: the stored dataset is corrupt; re-run download with force")
 
@@ -545,12 +566,7 @@ def write_shards(store: Store, p: Plan, units: Iterable[tuple[str, int]], cfg: T
     if p.cache_hit:
         log.info("cache hit: %s is complete; no shard to write", p.uri)
         return []
-    files = load_output(store, _dataset_uri(store, p), expect_step="download").manifest["files"]
-    return [write_shard(store, p, s, i, cfg, files) for s, i in units]
-
-
-def _dataset_uri(store: Store, p: Plan) -> str:
-    return store.uri(step_prefix("download", p.inputs["dataset"]).rstrip("/"))
+    return [write_shard(store, p, s, i, cfg, p.dataset_files) for s, i in units]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -676,8 +692,19 @@ def gather(store: Store, p: Plan, cfg: TFRecordConfig, *, run_id: str | None = N
 # Everything in one call (the CLI)
 # ---------------------------------------------------------------------------------------------
 
-def _pool_worker(root: str, p: Plan, cfg: TFRecordConfig, units: list) -> list[dict]:
-    return write_shards(open_store(root), p, [tuple(u) for u in units], cfg)
+_WORKER: dict = {}
+
+
+def _pool_init(root: str, p: Plan, cfg: TFRecordConfig) -> None:
+    """Per worker process, once: its own store client, the plan (with the dataset's
+    checksums), the config."""
+    _WORKER.update(store=open_store(root), plan=p, cfg=cfg)
+    gc.freeze()  # the plan and manifest live all along: keep them out of every GC pass
+
+
+def _pool_task(unit: tuple[str, int]) -> dict:
+    w = _WORKER
+    return write_shard(w["store"], w["plan"], unit[0], unit[1], w["cfg"], w["plan"].dataset_files)
 
 
 def build(store: Store, dataset_uri: str, cfg: TFRecordConfig, *, workers: int | None = None,
@@ -687,21 +714,22 @@ def build(store: Store, dataset_uri: str, cfg: TFRecordConfig, *, workers: int |
     if p.cache_hit:
         return gather(store, p, cfg, run_id=run_id)
     workers = workers or os.cpu_count() or 1
-    groups = p.groups(workers)
     explicit_client = isinstance(store, S3Store) and store.has_explicit_client
     started = time.monotonic()
-    if workers <= 1 or len(groups) <= 1:
-        write_shards(store, p, p.units, cfg)
+    # one task per shard, largest first, so the pool balances the load as workers free up
+    sizes = Counter((e.split, e.shard) for e in p.examples)
+    units = sorted(p.units, key=lambda u: -sizes[u])
+    if workers <= 1:
+        write_shards(store, p, units, cfg)
     elif explicit_client:
         # a client handed in (e.g. from an Airflow connection) cannot cross processes
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(lambda g: write_shards(store, p, [tuple(u) for u in g], cfg), groups))
+            list(pool.map(lambda u: write_shards(store, p, [u], cfg), units))
     else:
         ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = [pool.submit(_pool_worker, store.root, p, cfg, g)
-                       for g in groups]
-            for f in futures:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_pool_init,
+                                 initargs=(store.root, p, cfg)) as pool:
+            for f in [pool.submit(_pool_task, u) for u in units]:
                 f.result()
     n = len(p.examples)
     secs = time.monotonic() - started

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -199,16 +200,28 @@ def test_extra_data_is_merged_changes_the_fingerprint_and_keeps_splits(store, da
     assert build(store, uri, cfg, workers=1).cache_hit
 
 
-def test_cli(store, dataset, tmp_path):
+def test_cli(store, dataset, tmp_path, request):
     uri, _ = dataset
-    if not store.root.startswith("/"):
-        pytest.skip("the CLI reads S3 credentials from the environment; covered locally")
+    env = dict(os.environ)
+    if store.root.startswith("s3://"):  # the CLI reads the standard AWS environment
+        env.update(request.getfixturevalue("seaweed").env)
     cmd = [sys.executable, "-m", "petdet_tasks", "tfrecords", "--store", store.root,
            "--dataset", uri, "--shards", "2", "--workers", "2", "--classes", "present",
            "--max-quarantine", "0.05"]
-    out = [subprocess.run(cmd, capture_output=True, text=True, timeout=300) for _ in range(2)]
+    out = [subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+           for _ in range(2)]
     assert out[0].returncode == 0, out[0].stderr
     first, second = (json.loads(o.stdout.strip().splitlines()[-1]) for o in out)
     assert first["cache_hit"] is False and second["cache_hit"] is True
     assert first["uri"].startswith(store.root + "/tfrecords/")
     assert first["train"] > 0 and first["val"] > 0
+
+
+def test_an_image_changed_in_the_store_after_download_is_an_error(store, dataset):
+    uri, _ = dataset
+    cfg = TFRecordConfig(**SAMPLE_CFG)
+    p = plan(store, uri, cfg)
+    victim = next(e for e in p.examples if e.split == "train" and e.shard == 0)
+    store.put_bytes(victim.image_key, store.get_bytes(victim.image_key)[0] + b"\x00tampered")
+    with pytest.raises(Exception, match="does not match the dataset manifest"):
+        write_shard(store, p, "train", 0, cfg, p.dataset_files)
