@@ -152,13 +152,15 @@ class SeaweedServer:
         raise TimeoutError(f"SeaweedFS at {self.endpoint} not ready after "
                            f"{self.ready_timeout_s:.0f}s: {last}")
 
-    def stop(self, grace_s: float = 10.0) -> None:
+    def stop(self, grace_s: float = 60.0) -> None:
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
         os.killpg(proc.pid, signal.SIGTERM)
+        started = time.monotonic()
         try:
             proc.wait(grace_s)
+            log.info("SeaweedFS stopped in %.1fs", time.monotonic() - started)
         except subprocess.TimeoutExpired:
             log.warning("weed did not stop within %.0fs; killing it", grace_s)
             os.killpg(proc.pid, signal.SIGKILL)
