@@ -257,6 +257,12 @@ def _repair(img: Image.Image, fmt: str, name: str, jpeg_quality: int) -> tuple[b
     return buf.getvalue(), "; ".join(notes)
 
 
+def warm_up() -> None:
+    """Load Pillow's format plugins now (~0.1 s, once per process) instead of at the first
+    non-JPEG image — in a process about to fork workers, so that each worker does not pay it."""
+    Image.init()
+
+
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # not DHT, JPG, DAC
 _STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}  # RSTn, TEM: no length field
 

@@ -47,7 +47,9 @@ __all__ = [
     "TFRecordWriter",
     "bytes_feature",
     "decode_example",
+    "OD_API_KEYS",
     "encode_example",
+    "encode_od_example",
     "float_feature",
     "int64_feature",
     "masked_crc32c",
@@ -507,3 +509,88 @@ def read_tfrecords(path: str | os.PathLike) -> Iterator[bytes]:
                 raise ValueError(f"{name}: corrupt record data (CRC mismatch) at offset {offset}")
             yield data
             offset += length + 16
+
+
+# ------------------------------------------------------------------ OD API example fast path
+
+OD_API_KEYS = (
+    "image/height", "image/width", "image/filename", "image/source_id", "image/key/sha256",
+    "image/encoded", "image/format", "image/object/bbox/xmin", "image/object/bbox/xmax",
+    "image/object/bbox/ymin", "image/object/bbox/ymax", "image/object/class/text",
+    "image/object/class/label", "image/object/difficult", "image/object/truncated",
+    "image/object/view",
+)
+# the keys in the serialized (upb deterministic) order, each with its encoded key field
+_OD_ORDER = tuple(sorted(OD_API_KEYS, key=lambda k: _key_parts(k)[0]))
+_OD_KEY_PART = {k: _key_parts(k)[1] for k in OD_API_KEYS}
+
+
+def _fast_int64(values: Sequence[int]) -> bytes:
+    if not values:
+        return _TAG_3_LEN + b"\x00"
+    packed = b"".join([_varint(v & _UINT64_MASK) for v in values])
+    body = _TAG_1_LEN + _varint(len(packed)) + packed
+    return _TAG_3_LEN + _varint(len(body)) + body
+
+
+def _fast_float(values: Sequence[float]) -> bytes:
+    if not values:
+        return _TAG_2_LEN + b"\x00"
+    packed = struct.pack(f"<{len(values)}f", *values)
+    body = _TAG_1_LEN + _varint(len(packed)) + packed
+    return _TAG_2_LEN + _varint(len(body)) + body
+
+
+def _fast_bytes(values: Sequence[bytes]) -> bytes:
+    body = b"".join([_TAG_1_LEN + _varint(len(v)) + v for v in values])
+    return _TAG_1_LEN + _varint(len(body)) + body
+
+
+def encode_od_example(*, height: int, width: int, filename: bytes, sha256: bytes,
+                      encoded: bytes, image_format: bytes, xmin: Sequence[float],
+                      xmax: Sequence[float], ymin: Sequence[float], ymax: Sequence[float],
+                      texts: Sequence[bytes], labels: Sequence[int],
+                      difficult: Sequence[int], truncated: Sequence[int],
+                      views: Sequence[bytes]) -> bytes:
+    """The Object Detection API's tf.Example (the 16 keys of :data:`OD_API_KEYS`), the same
+    bytes as :func:`encode_example` over the same features, built about 5x faster: the one
+    record every TFRecord shard writes per image. Values must already be valid (ints in range,
+    bytes); the image bytes are copied once, into the result."""
+    features = {
+        "image/height": _fast_int64((height,)),
+        "image/width": _fast_int64((width,)),
+        "image/filename": _fast_bytes((filename,)),
+        "image/source_id": _fast_bytes((filename,)),
+        "image/key/sha256": _fast_bytes((sha256,)),
+        "image/format": _fast_bytes((image_format,)),
+        "image/object/bbox/xmin": _fast_float(xmin),
+        "image/object/bbox/xmax": _fast_float(xmax),
+        "image/object/bbox/ymin": _fast_float(ymin),
+        "image/object/bbox/ymax": _fast_float(ymax),
+        "image/object/class/text": _fast_bytes(texts),
+        "image/object/class/label": _fast_int64(labels),
+        "image/object/difficult": _fast_int64(difficult),
+        "image/object/truncated": _fast_int64(truncated),
+        "image/object/view": _fast_bytes(views),
+    }
+    chunks: list[bytes] = []
+    total = 0
+    for key in _OD_ORDER:
+        key_part = _OD_KEY_PART[key]
+        if key == "image/encoded":  # the big one: never copied before the final join
+            value_head = _TAG_1_LEN + _varint(len(encoded))
+            inner = len(value_head) + len(encoded)
+            feature_head = _TAG_1_LEN + _varint(inner)
+            feature_size = len(feature_head) + inner
+            value_len = _varint(feature_size)
+            entry_size = len(key_part) + 1 + len(value_len) + feature_size
+            head = _TAG_1_LEN + _varint(entry_size) + key_part + _TAG_2_LEN + value_len
+            chunks += (head + feature_head + value_head, encoded)
+        else:
+            feature = features[key]
+            value_len = _varint(len(feature))
+            entry_size = len(key_part) + 1 + len(value_len) + len(feature)
+            head = _TAG_1_LEN + _varint(entry_size) + key_part + _TAG_2_LEN + value_len
+            chunks += (head, feature)
+        total += 1 + len(_varint(entry_size)) + entry_size
+    return b"".join((_TAG_1_LEN, _varint(total), *chunks))

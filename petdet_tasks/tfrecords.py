@@ -38,20 +38,17 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
+
+from lxml import etree
 
 from petdet_tasks.breeds import breed_of
-from petdet_tasks.images import CHECK_MODES, check_image
+from petdet_tasks.images import CHECK_MODES, check_image, warm_up
 from petdet_tasks.label_map import LabelMap, load_label_map, pets_label_map
 from petdet_tasks.layout import fingerprint, step_prefix
 from petdet_tasks.manifest import StepResult, StepWriter, load_output, read_manifest, run_step
 from petdet_tasks.store import FileEntry, NotFound, S3Store, Store, StoreError, open_store
-from petdet_tasks.tfexample import (
-    TFRecordWriter,
-    bytes_feature,
-    encode_example,
-    float_feature,
-    int64_feature,
-)
+from petdet_tasks.tfexample import TFRecordWriter, encode_od_example
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +142,7 @@ class TFRecordConfig:
 # Plan
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Example:
+class Example(NamedTuple):
     """One labelled image to write: where its bytes are and where it goes."""
 
     name: str
@@ -176,17 +172,19 @@ class Plan:
         return [[list(u) for u in self.units[i::n]] for i in range(n)]
 
 
-def _h(name: str, salt: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{salt}:{name}".encode()).digest()[:8], "big")
+def _name_hash(name: str) -> tuple[int, int]:
+    """Two independent 64-bit numbers from the image name: (split draw, shard draw)."""
+    digest = hashlib.sha256(name.encode()).digest()
+    return int.from_bytes(digest[:8], "big"), int.from_bytes(digest[8:16], "big")
 
 
 def split_of(name: str, val_fraction: float) -> str:
     """``val`` when the name's hash falls below ``val_fraction``: independent of other images."""
-    return "val" if _h(name, "split") / 2**64 < val_fraction else "train"
+    return "val" if _name_hash(name)[0] < val_fraction * 2**64 else "train"
 
 
 def shard_of(name: str, num_shards: int) -> int:
-    return _h(name, "shard") % num_shards
+    return _name_hash(name)[1] % num_shards
 
 
 def shard_name(split: str, index: int, num_shards: int) -> str:
@@ -236,6 +234,7 @@ def _examples_from(store: Store, base: str, files: set[str], source: str, cfg: T
     if list_file is None:
         raise FileNotFoundError(f"{store.uri(base)}: no annotations/trainval.txt or list.txt")
     names = _list_names(store.read_text(base + list_file))
+    val_cut = cfg.val_fraction * 2**64
     out = []
     for name in names:
         try:
@@ -254,8 +253,10 @@ def _examples_from(store: Store, base: str, files: set[str], source: str, cfg: T
             skipped.setdefault("missing_xml", []).append(
                 {"name": name, "detail": f"no {xml}: no box to train on"})
             continue
+        split_draw, shard_draw = _name_hash(name)
         out.append(Example(name, base + image, base + xml, source,
-                           split_of(name, cfg.val_fraction), shard_of(name, cfg.num_shards)))
+                           "val" if split_draw < val_cut else "train",
+                           shard_draw % cfg.num_shards))
     return out
 
 
@@ -297,27 +298,17 @@ def plan(store: Store, dataset_uri: str, cfg: TFRecordConfig) -> Plan:
 # Shards
 # ---------------------------------------------------------------------------------------------
 
-_XML_PARSER = None
-
-
-def _xml_parser():
-    global _XML_PARSER
-    if _XML_PARSER is None:
-        from lxml import etree
-
-        _XML_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                                      dtd_validation=False, huge_tree=False, remove_comments=True,
-                                      remove_pis=True)
-    return _XML_PARSER
+# built at import, so that forked shard workers inherit it ready
+_XML_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
+                              dtd_validation=False, huge_tree=False, remove_comments=True,
+                              remove_pis=True)
 
 
 def parse_voc(data: bytes) -> dict:
     """A PASCAL VOC annotation → ``{"width", "height", "objects": [...]}``, safely parsed
     (no entity expansion, no DTD, no network). Raises ValueError naming what is wrong."""
-    from lxml import etree
-
     try:
-        root = etree.fromstring(data, _xml_parser())
+        root = etree.fromstring(data, _XML_PARSER)
     except etree.XMLSyntaxError as e:
         raise ValueError(f"not well-formed XML: {e}") from None
     if root.tag != "annotation":
@@ -454,24 +445,12 @@ def build_example(name: str, image_bytes: bytes, xml_bytes: bytes, labels: Label
     filename = f"{name}.jpg"
     report["per_class"][breed] = report["per_class"].get(breed, 0) + 1
     report["boxes"] += len(xmin)
-    return encode_example({
-        "image/height": int64_feature(height),
-        "image/width": int64_feature(width),
-        "image/filename": bytes_feature(filename),
-        "image/source_id": bytes_feature(filename),
-        "image/key/sha256": bytes_feature(image_sha256),
-        "image/encoded": bytes_feature(data),
-        "image/format": bytes_feature("jpeg"),
-        "image/object/bbox/xmin": float_feature(xmin),
-        "image/object/bbox/xmax": float_feature(xmax),
-        "image/object/bbox/ymin": float_feature(ymin),
-        "image/object/bbox/ymax": float_feature(ymax),
-        "image/object/class/text": bytes_feature([breed] * len(xmin)),
-        "image/object/class/label": int64_feature([label] * len(xmin)),
-        "image/object/difficult": int64_feature(difficult),
-        "image/object/truncated": int64_feature(truncated),
-        "image/object/view": bytes_feature(poses),
-    })
+    breed_b = breed.encode()
+    return encode_od_example(
+        height=height, width=width, filename=filename.encode(), sha256=image_sha256.encode(),
+        encoded=data, image_format=b"jpeg", xmin=xmin, xmax=xmax, ymin=ymin, ymax=ymax,
+        texts=[breed_b] * len(xmin), labels=[label] * len(xmin), difficult=difficult,
+        truncated=truncated, views=[v.encode() for v in poses])
 
 
 def _new_report(split: str, index: int) -> dict:
@@ -699,7 +678,6 @@ def _pool_init(root: str, p: Plan, cfg: TFRecordConfig) -> None:
     """Per worker process, once: its own store client, the plan (with the dataset's
     checksums), the config."""
     _WORKER.update(store=open_store(root), plan=p, cfg=cfg)
-    gc.freeze()  # the plan and manifest live all along: keep them out of every GC pass
 
 
 def _pool_task(unit: tuple[str, int]) -> dict:
@@ -726,11 +704,17 @@ def build(store: Store, dataset_uri: str, cfg: TFRecordConfig, *, workers: int |
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(lambda u: write_shards(store, p, [u], cfg), units))
     else:
+        warm_up()  # before forking: the workers inherit Pillow's loaded plugins
         ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_pool_init,
-                                 initargs=(store.root, p, cfg)) as pool:
-            for f in [pool.submit(_pool_task, u) for u in units]:
-                f.result()
+        gc.freeze()  # the workers' GC passes then leave the inherited heap (and its pages) alone
+        try:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                     initializer=_pool_init,
+                                     initargs=(store.root, p, cfg)) as pool:
+                for f in [pool.submit(_pool_task, u) for u in units]:
+                    f.result()
+        finally:
+            gc.unfreeze()
     n = len(p.examples)
     secs = time.monotonic() - started
     log.info("wrote %d shards for %d examples in %.1fs (%.0f images/s, %d workers)",

@@ -332,3 +332,43 @@ def test_library_modules_do_not_import_tensorflow():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("n_boxes", [0, 1, 3])
+def test_od_api_fast_path_equals_the_generic_encoder(n_boxes):
+    from petdet_tasks.tfexample import (
+        bytes_feature,
+        encode_example,
+        encode_od_example,
+        float_feature,
+        int64_feature,
+    )
+
+    rng = np.random.default_rng(n_boxes)
+    image = rng.integers(0, 256, 70_000, dtype=np.uint8).tobytes()
+    boxes = rng.random((4, n_boxes)).tolist()
+    kw = dict(height=375, width=500, filename=b"great_pyrenees_12.jpg",
+              sha256=b"f" * 64, encoded=image, image_format=b"jpeg", xmin=boxes[0],
+              xmax=boxes[1], ymin=boxes[2], ymax=boxes[3], texts=[b"great_pyrenees"] * n_boxes,
+              labels=[16] * n_boxes, difficult=[0] * n_boxes, truncated=[1] * n_boxes,
+              views=[b"Frontal"] * n_boxes)
+    generic = encode_example({
+        "image/height": int64_feature(375), "image/width": int64_feature(500),
+        "image/filename": bytes_feature(kw["filename"]),
+        "image/source_id": bytes_feature(kw["filename"]),
+        "image/key/sha256": bytes_feature(kw["sha256"]), "image/encoded": bytes_feature(image),
+        "image/format": bytes_feature(b"jpeg"),
+        "image/object/bbox/xmin": float_feature(boxes[0]),
+        "image/object/bbox/xmax": float_feature(boxes[1]),
+        "image/object/bbox/ymin": float_feature(boxes[2]),
+        "image/object/bbox/ymax": float_feature(boxes[3]),
+        "image/object/class/text": bytes_feature(kw["texts"]),
+        "image/object/class/label": int64_feature(kw["labels"]),
+        "image/object/difficult": int64_feature(kw["difficult"]),
+        "image/object/truncated": int64_feature(kw["truncated"]),
+        "image/object/view": bytes_feature(kw["views"]),
+    })
+    fast = encode_od_example(**kw)
+    assert fast == generic
+    parsed = tf.train.Example.FromString(fast)
+    assert parsed.features.feature["image/encoded"].bytes_list.value[0] == image
