@@ -1,0 +1,129 @@
+"""The detector: a keras-hub RetinaNet, built offline, saved as a preset, fine-tuned from one.
+
+* :func:`build_detector` — a RetinaNet from a config (``tiny`` ResNet for tests and demos,
+  ``resnet18``/``resnet50`` layouts), no download.
+* :func:`make_preset` — what tests and the demo start from instead of COCO weights: a tiny
+  model briefly trained on a *different* class count, saved with ``save_to_preset``. Fine-tuning
+  from it walks the same code path as fine-tuning from the real COCO preset.
+* :func:`load_for_finetune` — the real path: ``from_preset(preset, num_classes=N)`` rebuilds the
+  task and loads backbone + FPN weights; the box head is copied over from the full preset
+  (keras-hub 0.32 does not load it when the class count changes); the new classification head
+  gets the focal-loss prior bias (0.32 puts that prior on the box head, so a fresh class head
+  would start at score 0.5 everywhere and its first losses run high); optionally the
+  backbone's image encoder (the ResNet) is frozen.
+
+``preset`` may be a keras-hub preset name (``retinanet_resnet50_fpn_coco``), a ``kaggle://``
+handle, or a local directory. TensorFlow/keras-hub are imported when these functions run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PRIOR_PROBABILITY = 0.01
+ARCHS = ("tiny", "resnet18", "resnet50")
+_RESNET = {
+    # stackwise filters, blocks, strides, block type
+    "tiny": ([64, 64, 64, 64], [1, 1, 1, 1], [1, 2, 2, 2], "basic_block"),
+    "resnet18": ([64, 128, 256, 512], [2, 2, 2, 2], [1, 2, 2, 2], "basic_block"),
+    "resnet50": ([64, 128, 256, 512], [3, 4, 6, 3], [1, 2, 2, 2], "bottleneck_block"),
+}
+
+
+def _keras_hub():
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import keras_hub
+
+    return keras_hub
+
+
+def _preprocessor(image_size: int):
+    kh = _keras_hub()
+    converter = kh.layers.RetinaNetImageConverter(image_size=(image_size, image_size),
+                                                  scale=1 / 255.0)
+    return kh.models.RetinaNetObjectDetectorPreprocessor(image_converter=converter)
+
+
+def set_prior_bias(detector, probability: float = PRIOR_PROBABILITY) -> None:
+    """Start the classification logits at ``probability`` (focal-loss prior) everywhere."""
+    head = detector.classification_head
+    weights = head.get_weights()
+    weights[-1][...] = -math.log((1 - probability) / probability)
+    head.set_weights(weights)
+
+
+def build_detector(num_classes: int, *, image_size: int = 384, arch: str = "tiny"):
+    """A RetinaNet (yxyx boxes, FPN P3–P7) with a ResNet layout from ``ARCHS``, untrained."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    kh = _keras_hub()
+    filters, blocks, strides, block_type = _RESNET[arch]
+    encoder = kh.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[7], stackwise_num_filters=filters,
+        stackwise_num_blocks=blocks, stackwise_num_strides=strides, block_type=block_type,
+        use_pre_activation=False, image_shape=(None, None, 3))
+    backbone = kh.models.RetinaNetBackbone(image_encoder=encoder, min_level=3, max_level=7,
+                                           use_p5=False, image_shape=(None, None, 3))
+    detector = kh.models.RetinaNetObjectDetector(
+        backbone=backbone, num_classes=num_classes, bounding_box_format="yxyx",
+        preprocessor=_preprocessor(image_size))
+    set_prior_bias(detector)
+    return detector
+
+
+def make_preset(path: str | os.PathLike, *, num_classes: int = 5, image_size: int = 128,
+                arch: str = "tiny", train_steps: int = 3, seed: int = 0) -> Path:
+    """Build a small detector, train it for a few steps on random boxes (so its weights are
+    not the initial ones), and save it as a keras-hub preset directory."""
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(seed)
+    detector = build_detector(num_classes, image_size=image_size, arch=arch)
+    rng = np.random.default_rng(seed)
+    n = 4
+    images = rng.integers(0, 256, (n, image_size, image_size, 3)).astype("float32")
+    lo = rng.uniform(0, image_size / 2, (n, 1, 2))
+    hi = lo + rng.uniform(image_size / 8, image_size / 2, (n, 1, 2))
+    boxes = np.concatenate([lo, hi], axis=-1).astype("float32")
+    labels = rng.integers(0, num_classes, (n, 1)).astype("int32")
+    detector.compile(optimizer=keras.optimizers.SGD(0.001, momentum=0.9, clipnorm=10.0))
+    if train_steps:
+        detector.fit(images, {"boxes": boxes, "labels": labels}, batch_size=n,
+                     epochs=train_steps, verbose=0)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    detector.save_to_preset(str(path))
+    log.info("saved a %s preset (%d classes, %d px) to %s", arch, num_classes, image_size, path)
+    return path
+
+
+def load_for_finetune(preset: str | os.PathLike, num_classes: int, *, image_size: int,
+                      freeze_backbone: bool = False):
+    """The preset's backbone, FPN and box head under a new ``num_classes`` classification head
+    (module doc). A preset with the same class count is loaded whole."""
+    kh = _keras_hub()
+    preset = str(preset)
+    full = kh.models.RetinaNetObjectDetector.from_preset(preset)
+    if full.num_classes == num_classes:
+        detector = full
+        log.info("preset %s already has %d classes: loaded whole", preset, num_classes)
+    else:
+        detector = kh.models.RetinaNetObjectDetector.from_preset(preset, num_classes=num_classes)
+        detector.box_head.set_weights(full.box_head.get_weights())
+        set_prior_bias(detector)
+        log.info("preset %s: backbone, FPN and box head loaded; new %d-class head (was %d)",
+                 preset, num_classes, full.num_classes)
+    # feed exactly image_size x image_size: the input pipeline letterboxes, nothing resizes
+    detector.preprocessor = _preprocessor(image_size)
+    detector.backbone.image_encoder.trainable = not freeze_backbone
+    if freeze_backbone:
+        log.info("image encoder (ResNet) frozen: the FPN and the heads train")
+    return detector
