@@ -10,6 +10,8 @@ them safely and stores the dataset under `datasets/<fingerprint>/` in **store_ro
    and writes OD-API tf.Example shards; `tfrecords_gather` writes `data_report.json` and
    `label_map.pbtxt`, applies the quality gate (**max_quarantine_fraction**, empty splits,
    classes without training data) and commits `tfrecords/<fingerprint>/`.
+3. `train` fine-tunes a keras-hub RetinaNet from **preset** (GPU pool/queue; a retry resumes
+   from the newest checkpoint in `training/<fingerprint>/`).
 
 Every step is idempotent: its output prefix is a fingerprint of its inputs and config, and
 `_MANIFEST.json` is written last. A run whose inputs did not change is a chain of cache hits;
@@ -30,9 +32,14 @@ from petdet_airflow.operators import (
     TFRecordsGatherOperator,
     TFRecordsPlanOperator,
     TFRecordsShardsOperator,
+    TrainDetectorOperator,
 )
 
 OFFICIAL_SOURCE = "https://thor.robots.ox.ac.uk/~vgg/data/pets/"
+# where training runs: a pool with as many slots as GPUs, and the queue GPU workers listen on
+GPU_POOL = os.environ.get("PETDET_GPU_POOL", "gpu")
+GPU_QUEUE = os.environ.get("PETDET_GPU_QUEUE", "gpu")
+TRAIN_TIMEOUT = timedelta(hours=float(os.environ.get("PETDET_TRAIN_TIMEOUT_HOURS", "24")))
 
 with DAG(
     dag_id="petdet_retrain",
@@ -97,6 +104,24 @@ with DAG(
                             description="Optional prefix in the store laid out like the "
                             "dataset (images/, annotations/xmls/, annotations/trainval.txt); "
                             "new content changes the fingerprint and triggers a rebuild."),
+        "preset": Param(
+            os.environ.get("PETDET_PRESET", "retinanet_resnet50_fpn_coco"), type="string",
+            title="Starting preset",
+            description="keras-hub preset name, kaggle:// handle, worker-local directory, or a "
+            "prefix in the store (synced first)."),
+        "num_steps": Param(2000, type="integer", minimum=1, title="Training steps"),
+        "batch_size": Param(8, type="integer", minimum=1, title="Batch size per replica"),
+        "image_size": Param(384, type="integer", minimum=64, maximum=1536, multipleOf=32,
+                            title="Model input size (px)"),
+        "optimizer": Param("sgd", type="string", enum=["sgd", "adam"], title="Optimizer"),
+        "learning_rate": Param(0.01, type="number", exclusiveMinimum=0,
+                               title="Initial learning rate",
+                               description="Cosine decay with warm-up by default."),
+        "checkpoint_every_n": Param(200, type="integer", minimum=1,
+                                    title="Checkpoint every N steps"),
+        "train_config_file": Param("", type="string", title="Training config file",
+                                   description="Optional JSON/YAML or OD API pipeline.config "
+                                   "on the workers; the fields above override it."),
         "force": Param(
             False,
             type="boolean",
@@ -152,4 +177,25 @@ with DAG(
         **store_args,
     )
 
-    download >> plan >> shards >> gather
+    train = TrainDetectorOperator(
+        task_id="train",
+        tfrecords_uri="{{ ti.xcom_pull(task_ids='tfrecords_gather')['uri'] }}",
+        config_file="{{ params.train_config_file }}",
+        config={
+            "preset": "{{ params.preset }}",
+            "num_steps": "{{ params.num_steps }}",
+            "batch_size": "{{ params.batch_size }}",
+            "image_size": "{{ params.image_size }}",
+            "optimizer": "{{ params.optimizer }}",
+            "checkpoint_every_n": "{{ params.checkpoint_every_n }}",
+            "learning_rate": {"initial_learning_rate": "{{ params.learning_rate }}"},
+        },
+        force="{{ params.force }}",
+        pool=GPU_POOL,
+        queue=GPU_QUEUE,
+        execution_timeout=TRAIN_TIMEOUT,
+        doc_md="Fine-tune the RetinaNet (resumes from the newest checkpoint on retry).",
+        **store_args,
+    )
+
+    download >> plan >> shards >> gather >> train

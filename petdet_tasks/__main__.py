@@ -44,6 +44,26 @@ def _cmd_tfrecords(args) -> dict:
     return build(_store(args.store), args.dataset, cfg, workers=args.workers).to_xcom()
 
 
+def _cmd_train(args) -> dict:
+    from petdet_tasks.train import train
+    from petdet_tasks.train_config import TrainConfig, load_train_config
+
+    cfg = load_train_config(args.config) if args.config else TrainConfig()
+    overrides = {k: v for k, v in (("num_steps", args.num_steps), ("batch_size", args.batch_size),
+                                   ("image_size", args.image_size), ("preset", args.preset))
+                 if v is not None}
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    return train(_store(args.store), args.tfrecords, cfg, cache_dir=args.cache_dir,
+                 force=args.force).to_xcom()
+
+
+def _cmd_config_from_pipeline(args) -> int:
+    from petdet_tasks.pipeline_config import main_from_pipeline
+
+    return main_from_pipeline(args.pipeline_config, args.out)
+
+
 def _cmd_seaweedfs(args) -> int:
     from petdet_tasks.seaweed import serve_forever
 
@@ -95,6 +115,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefix in the store with extra labelled images in the dataset layout")
     t.add_argument("--force", action="store_true", help="rebuild even if already complete")
     t.set_defaults(func=_cmd_tfrecords)
+
+    r = sub.add_parser("train", help="fine-tune the detector on a tfrecords output (resumable)")
+    r.add_argument("--store", required=True, help="s3://bucket/prefix or a local directory")
+    r.add_argument("--tfrecords", required=True, help="the tfrecords step's output URI")
+    r.add_argument("--config", default=None, help="training config (JSON or YAML)")
+    r.add_argument("--preset", default=None,
+                   help="starting point: keras-hub preset name, kaggle:// handle, local "
+                   "directory or store prefix (overrides the config)")
+    r.add_argument("--num-steps", type=int, default=None)
+    r.add_argument("--batch-size", type=int, default=None, help="per replica")
+    r.add_argument("--image-size", type=int, default=None)
+    r.add_argument("--cache-dir", default=None, help="local cache (default ~/.cache/petdet)")
+    r.add_argument("--force", action="store_true", help="retrain even if already complete")
+    r.set_defaults(func=_cmd_train)
+
+    c = sub.add_parser("config", help="training config tools")
+    csub = c.add_subparsers(dest="config_command", required=True, metavar="TOOL")
+    fp = csub.add_parser("from-pipeline",
+                         help="convert an OD API pipeline.config into petdet's config")
+    fp.add_argument("pipeline_config")
+    fp.add_argument("--out", default=None, help="output JSON file (default: stdout)")
+    fp.set_defaults(func=_cmd_config_from_pipeline)
 
     w = sub.add_parser("seaweedfs", help="run a local SeaweedFS S3 server (127.0.0.1)")
     w.add_argument("--dir", required=True, help="data directory (kept across restarts)")

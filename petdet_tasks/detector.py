@@ -26,6 +26,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PRIOR_PROBABILITY = 0.01
+SCORE_THRESHOLD = 0.05
 ARCHS = ("tiny", "resnet18", "resnet50")
 _RESNET = {
     # stackwise filters, blocks, strides, block type
@@ -47,6 +48,17 @@ def _preprocessor(image_size: int):
     converter = kh.layers.RetinaNetImageConverter(image_size=(image_size, image_size),
                                                   scale=1 / 255.0)
     return kh.models.RetinaNetObjectDetectorPreprocessor(image_converter=converter)
+
+
+def set_score_threshold(detector, threshold: float = SCORE_THRESHOLD,
+                        max_detections: int = 100) -> None:
+    """keras-hub's decoder keeps boxes scoring >= 0.5 only; evaluation (COCO style) and the
+    served model want every box above a low floor, up to ``max_detections`` per image."""
+    from keras_hub.src.layers.modeling.non_max_supression import NonMaxSuppression
+
+    detector.prediction_decoder = NonMaxSuppression(
+        bounding_box_format=detector.bounding_box_format, from_logits=True,
+        confidence_threshold=threshold, max_detections=max_detections)
 
 
 def set_prior_bias(detector, probability: float = PRIOR_PROBABILITY) -> None:
@@ -73,8 +85,10 @@ def build_detector(num_classes: int, *, image_size: int = 384, arch: str = "tiny
                                            use_p5=False, image_shape=(None, None, 3))
     detector = kh.models.RetinaNetObjectDetector(
         backbone=backbone, num_classes=num_classes, bounding_box_format="yxyx",
+        pre_logits_num_conv_layers=2 if arch == "tiny" else 4,  # tiny: half the head compute
         preprocessor=_preprocessor(image_size))
     set_prior_bias(detector)
+    set_score_threshold(detector)
     return detector
 
 
@@ -123,7 +137,21 @@ def load_for_finetune(preset: str | os.PathLike, num_classes: int, *, image_size
                  preset, num_classes, full.num_classes)
     # feed exactly image_size x image_size: the input pipeline letterboxes, nothing resizes
     detector.preprocessor = _preprocessor(image_size)
+    set_score_threshold(detector)
     detector.backbone.image_encoder.trainable = not freeze_backbone
     if freeze_backbone:
         log.info("image encoder (ResNet) frozen: the FPN and the heads train")
     return detector
+
+
+def detect_batch(detector, images):
+    """Detections for one batch of float images (0..255, already at the model's input size),
+    run eagerly: keras-hub 0.32's ``predict`` retraces with a relaxed (None) batch size after
+    batches of different sizes, and its NMS cannot trace that. Returns numpy arrays
+    ``boxes`` [B, 100, 4] (yxyx pixels), ``confidence`` [B, 100], ``labels`` [B, 100] (-1 pad)."""
+    import numpy as np
+
+    x = detector.preprocessor(images)
+    raw = detector(x, training=False)
+    out = detector.decode_predictions(raw, x)
+    return {k: np.asarray(v) for k, v in out.items()}

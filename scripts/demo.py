@@ -1,7 +1,7 @@
 """``make demo``: run petdet_retrain end to end on the embedded defaults, offline.
 
 1. writes a synthetic sample in the real archives' layout (``python -m petdet_tasks
-   sample-data``) — no network needed;
+   sample-data``) and a small starting preset — no network needed;
 2. initialises a SQLite Airflow metadata DB under the work dir;
 3. runs the real DAG in-process with ``dag.test()`` (the Airflow way to run a DAG on one
    machine), with the sample folder as the source and a local directory (default) or a local
@@ -27,7 +27,9 @@ def main() -> int:
     ap.add_argument("--workdir", default=str(ROOT / ".demo"))
     ap.add_argument("--store", choices=["local", "seaweedfs"], default="local")
     ap.add_argument("--breeds", type=int, default=6)
-    ap.add_argument("--per-breed", type=int, default=12)
+    ap.add_argument("--per-breed", type=int, default=30)
+    ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--force", action="store_true", help="recompute every step")
     args = ap.parse_args()
 
@@ -51,15 +53,29 @@ def main() -> int:
           f"breeds ({summary['trainval']} trainval / {summary['test']} test) in {sample_dir}",
           flush=True)
 
-    subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True,
+    airflow = str(Path(sys.executable).parent / "airflow")
+    subprocess.run([airflow, "db", "migrate"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([airflow, "pools", "set", "gpu", "1", "GPU slots (training)"], check=True,
                    stdout=subprocess.DEVNULL)
     print(f"[demo] Airflow metadata DB: {home / 'airflow.db'}", flush=True)
+
+    # the starting point: a preset made here (no download), used as a COCO preset would be
+    preset_dir = work / "preset"
+    if not (preset_dir / "config.json").exists():
+        from petdet_tasks.detector import make_preset
+
+        make_preset(preset_dir, num_classes=5, image_size=args.image_size, train_steps=2)
+    print(f"[demo] starting preset: {preset_dir} (a tiny RetinaNet made locally)", flush=True)
 
     server = None
     # the sample carries the real dataset's defects on purpose (one truncated JPEG in ~36
     # labelled images) and only a few of the 37 breeds: allow for both
     conf = {"source": str(sample_dir), "force": args.force, "classes": "present",
-            "max_quarantine_fraction": 0.05, "shards": 2, "shard_tasks": 2}
+            "max_quarantine_fraction": 0.05, "shards": 2, "shard_tasks": 2,
+            # a short CPU training run (see README for what it reaches)
+            "preset": str(preset_dir), "num_steps": args.train_steps, "batch_size": 8,
+            "image_size": args.image_size, "optimizer": "sgd", "learning_rate": 0.004,
+            "checkpoint_every_n": 100}
     if args.store == "local":
         conf.update(store_root=str(work / "store"), aws_conn_id="")
     else:

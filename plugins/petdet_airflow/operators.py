@@ -166,3 +166,52 @@ class TFRecordsGatherOperator(_TFRecordsOperator):
         result = gather(store, p, cfg, run_id=context.get("run_id"))
         self.log.info("%s %s", "cache hit:" if result.cache_hit else "committed", result.uri)
         return result.to_xcom()
+
+
+class TrainDetectorOperator(PetdetOperator):
+    """Fine-tune the RetinaNet on a tfrecords output (resumable: a retry continues from the
+    newest checkpoint in the store). Put it in the GPU pool/queue.
+
+    :param tfrecords_uri: the tfrecords step's output URI. (templated)
+    :param config: overrides of :class:`petdet_tasks.train_config.TrainConfig` fields (nested
+        dicts for ``learning_rate``/``augmentation``); empty values are ignored. (templated)
+    :param config_file: a training config file on the worker (JSON/YAML, or an OD API
+        pipeline.config, converted); the overrides apply on top. (templated)
+    :param force: retrain even if the output is complete. (templated)
+    """
+
+    template_fields = (*PetdetOperator.template_fields, "tfrecords_uri", "config",
+                       "config_file", "force")
+    template_fields_renderers = {"config": "json"}
+
+    def __init__(self, *, tfrecords_uri: str, config: dict | None = None,
+                 config_file: str | None = None, force: bool | str = False,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tfrecords_uri = tfrecords_uri
+        self.config = config or {}
+        self.config_file = config_file
+        self.force = force
+
+    def execute(self, context) -> dict:
+        from petdet_tasks.train import train
+        from petdet_tasks.train_config import TrainConfig, load_train_config
+
+        base = load_train_config(self.config_file) if self.config_file else TrainConfig()
+        cfg = base.merged(_drop_empty(dict(self.config)))
+        self.log.info("training config: %s", cfg.to_dict())
+        result = train(self.get_store(), str(self.tfrecords_uri), cfg,
+                       run_id=context.get("run_id"), force=_as_bool(self.force))
+        return result.to_xcom()
+
+
+def _drop_empty(values: dict) -> dict:
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            v = _drop_empty(v)
+            if v:
+                out[k] = v
+        elif v is not None and not (isinstance(v, str) and v.strip() in ("", "None")):
+            out[k] = v
+    return out

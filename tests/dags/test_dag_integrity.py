@@ -81,7 +81,10 @@ def dag():
 
 def test_retrain_dag_structure(dag):
     assert sorted(dag.task_ids) == ["download", "tfrecords_gather", "tfrecords_plan",
-                            "tfrecords_shards"]
+                                    "tfrecords_shards", "train"]
+    train = dag.get_task("train")
+    assert train.upstream_task_ids == {"tfrecords_gather"}
+    assert (train.pool, train.queue) == ("gpu", "gpu")
     assert dag.get_task("tfrecords_plan").upstream_task_ids == {"download"}
     assert dag.get_task("tfrecords_shards").upstream_task_ids == {"tfrecords_plan"}
     assert dag.get_task("tfrecords_gather").upstream_task_ids == {"tfrecords_shards"}
@@ -104,7 +107,8 @@ def test_retrain_dag_params_draw_a_typed_form(dag):
     assert params.get_param("image_check").schema["enum"] == ["header", "full"]
     for name in ("source", "store_root", "aws_conn_id", "force", "shards", "shard_tasks",
                  "val_fraction", "image_check", "max_quarantine_fraction", "classes",
-                 "extra_data"):
+                 "extra_data", "preset", "num_steps", "batch_size", "image_size", "optimizer",
+                 "learning_rate", "checkpoint_every_n", "train_config_file"):
         assert params.get_param(name).schema.get("title"), f"param {name} has no title"
 
 

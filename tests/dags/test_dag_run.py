@@ -50,16 +50,36 @@ def _xcom(dag_run, task_id, key="return_value"):
     return json.loads(value) if isinstance(value, str) else value
 
 
-def test_dag_test_downloads_into_s3_then_hits_the_cache(airflow_db, seaweed, s3_client,
-                                                         aws_connection, sample_archives,
-                                                         tmp_path, caplog, capfd):
+@pytest.fixture(scope="module")
+def tiny_preset(tmp_path_factory):
+    from petdet_tasks.detector import make_preset
+
+    return make_preset(tmp_path_factory.mktemp("preset") / "tiny", num_classes=4,
+                       image_size=64, train_steps=1)
+
+
+@pytest.fixture
+def gpu_pool(airflow_db):
+    import subprocess
+    import sys
+
+    subprocess.run([str(Path(sys.executable).parent / "airflow"), "pools", "set", "gpu", "1",
+                    "GPU slots"], check=True, capture_output=True)
+    return "gpu"
+
+
+def test_dag_test_runs_the_pipeline_into_s3_then_hits_the_cache(airflow_db, seaweed, s3_client,
+                                                                aws_connection, sample_archives,
+                                                                tiny_preset, gpu_pool, tmp_path,
+                                                                caplog, capfd):
     src, summary = sample_archives
     root = f"s3://{seaweed.bucket}/dagtest-{uuid.uuid4().hex[:8]}"
     dag = _dag()
     with serve_directory(src) as server:
         conf = {"source": server.url, "store_root": root, "aws_conn_id": aws_connection,
                 "classes": "present", "max_quarantine_fraction": 0.05, "shards": 2,
-                "shard_tasks": 2}
+                "shard_tasks": 2, "preset": str(tiny_preset), "num_steps": 4,
+                "checkpoint_every_n": 2, "image_size": 64, "batch_size": 4}
         run1 = dag.test(run_conf=conf)
         assert run1.state == "success"
         archive_gets = [r for r in server.requests if r.path.endswith(".tar.gz")]
@@ -82,6 +102,11 @@ def test_dag_test_downloads_into_s3_then_hits_the_cache(airflow_db, seaweed, s3_
         assert _xcom(run1, "tfrecords_plan", key="plan")["fingerprint"] == tfr["fingerprint"]
         assert len(_xcom(run1, "tfrecords_plan")) == 2  # shard groups, one per mapped task
 
+        trained = _xcom(run1, "train")
+        assert trained["cache_hit"] is False and trained["steps"] == 4
+        assert trained["uri"] == f"{root}/training/{trained['fingerprint']}"
+        assert read_manifest(store, f"training/{trained['fingerprint']}/") is not None
+
         n = len(server.requests)
         run2 = dag.test(run_conf=conf)
         assert run2.state == "success"
@@ -89,6 +114,7 @@ def test_dag_test_downloads_into_s3_then_hits_the_cache(airflow_db, seaweed, s3_
         assert out2["cache_hit"] is True and out2["fingerprint"] == out["fingerprint"]
         assert not [r for r in server.requests[n:] if r.path.endswith(".tar.gz")]
         assert _xcom(run2, "tfrecords_gather")["cache_hit"] is True
+        assert _xcom(run2, "train")["cache_hit"] is True
 
     # the secret never reaches a log line or XCom
     captured = capfd.readouterr()

@@ -1,0 +1,470 @@
+"""The training step: fine-tune a keras-hub RetinaNet on the TFRecords, resumably.
+
+``train(store, tfrecords_uri, TrainConfig(...))`` → ``training/<fingerprint>/``:
+
+* ``checkpoints/ckpt-<step>.{index,data-*}`` + ``checkpoints/latest.json`` — written every
+  ``checkpoint_every_n`` steps (model *and* optimizer state, ``tf.train.Checkpoint``), uploaded
+  as training goes; the last two are kept;
+* ``history.jsonl`` (step, loss, learning rate, images/s), ``curves.png``, ``logs/`` (TensorBoard
+  event files);
+* ``preset/`` — the fine-tuned model as a keras-hub preset (what export loads);
+* ``label_map.pbtxt`` (the records'), ``train_config.json``, and the manifest with the final
+  metrics (final loss, recall at IoU 0.5 with the right class on the val split).
+
+Resume: the step runs under the commit protocol with ``resume=True``; a prefix without a
+manifest but with ``checkpoints/latest.json`` is a training that stopped (killed, preempted,
+failed). The next attempt restores model, optimizer and step counter from that checkpoint and
+trains on to ``num_steps`` — never from 0.
+
+Devices: a ``tf.distribute.MirroredStrategy`` over the visible GPUs (on a machine without one,
+its single CPU replica runs the same code); ``batch_size`` is per replica, the global batch is
+``batch_size * replicas``; mixed precision (``mixed_float16``) when a GPU is present
+(``mixed_precision="auto"``) or asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+from petdet_tasks.layout import fingerprint, step_prefix
+from petdet_tasks.manifest import StepResult, StepWriter, load_output, run_step
+from petdet_tasks.store import NotFound, Store, sha256_file
+from petdet_tasks.train_config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+STEP = "train"
+SCHEMA_VERSION = 1
+CHECKPOINTS = "checkpoints/"
+KEEP_CHECKPOINTS = 2
+LEASE_TTL_S = float(os.environ.get("PETDET_TRAIN_LEASE_TTL_S", "120"))
+
+
+def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    base = cache_dir or os.environ.get("PETDET_CACHE_DIR") or "~/.cache/petdet"
+    return Path(base).expanduser()
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting point
+# ---------------------------------------------------------------------------------------------
+
+def preset_identity(store: Store, preset: str) -> str:
+    """What identifies the starting weights in the fingerprint: a digest of a local directory's
+    files or of a store prefix's listing; a preset name / Kaggle handle as given."""
+    path = Path(preset).expanduser()
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f.relative_to(path).as_posix().encode() + b"\0")
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+        return "dir:" + h.hexdigest()
+    rel = _store_prefix(store, preset)
+    if rel is not None:
+        listing = [(o.key[len(rel):], o.size, o.etag) for o in store.list(rel)]
+        if not listing:
+            raise FileNotFoundError(f"preset prefix {store.uri(rel)} is empty")
+        return "store:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    return "name:" + preset
+
+
+def _store_prefix(store: Store, preset: str) -> str | None:
+    root = store.root.rstrip("/") + "/"
+    if preset.startswith(root):
+        return preset[len(root):].rstrip("/") + "/"
+    if preset.startswith("s3://"):
+        raise ValueError(f"preset {preset} is not under the store root {store.root}")
+    return None
+
+
+def resolve_preset(store: Store, preset: str, cache: Path) -> str:
+    """A local directory (a store prefix is synced to the cache first) or the name/handle."""
+    if Path(preset).expanduser().is_dir():
+        return str(Path(preset).expanduser())
+    rel = _store_prefix(store, preset)
+    if rel is None:
+        return preset  # keras-hub preset name or kaggle:// handle: keras-hub downloads it
+    local = cache / "presets" / hashlib.sha256(store.uri(rel).encode()).hexdigest()[:16]
+    for obj in store.list(rel):
+        dest = local / obj.key[len(rel):]
+        if not (dest.exists() and dest.stat().st_size == obj.size):
+            store.download_file(obj.key, dest)
+    log.info("preset %s synced to %s", store.uri(rel), local)
+    return str(local)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces that need TensorFlow (imported inside)
+# ---------------------------------------------------------------------------------------------
+
+def learning_rate_schedule(cfg: TrainConfig):
+    """A Keras schedule computing ``cfg.learning_rate.lr_at(step, num_steps)`` in graph mode;
+    it reads the optimizer's step counter, so a resumed run continues the same curve."""
+    import keras
+    import tensorflow as tf
+
+    sched = cfg.learning_rate
+    total = cfg.num_steps
+
+    class PetdetSchedule(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            step = tf.cast(step, tf.float32)
+            init = tf.constant(sched.initial_learning_rate, tf.float32)
+            if sched.kind == "constant":
+                return init
+            if sched.kind == "manual_step":
+                lr = init
+                for boundary, rate in sched.steps:
+                    lr = tf.where(step >= boundary, tf.constant(rate, tf.float32), lr)
+            else:  # cosine
+                decay = float(max(total - sched.warmup_steps, 1))
+                p = tf.clip_by_value((step - sched.warmup_steps) / decay, 0.0, 1.0)
+                cos = 0.5 * (1.0 + tf.cos(math.pi * p))
+                lr = init * ((1.0 - sched.alpha) * cos + sched.alpha)
+            if sched.warmup_steps > 0:
+                warm = sched.warmup_start_lr + (sched.initial_learning_rate
+                                                - sched.warmup_start_lr) * step / sched.warmup_steps
+                lr = tf.where(step < sched.warmup_steps, warm, lr)
+            return lr
+
+        def get_config(self):
+            return {"schedule": sched.to_dict(), "num_steps": total}
+
+    return PetdetSchedule()
+
+
+def _optimizer(cfg: TrainConfig):
+    import keras
+
+    lr = learning_rate_schedule(cfg)
+    kwargs = {"clipnorm": cfg.clipnorm} if cfg.clipnorm else {}
+    if cfg.weight_decay:
+        kwargs["weight_decay"] = cfg.weight_decay
+    if cfg.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate=lr, **kwargs)
+    return keras.optimizers.SGD(learning_rate=lr, momentum=cfg.momentum, **kwargs)
+
+
+def _strategy_and_precision(cfg: TrainConfig):
+    import keras
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    strategy = tf.distribute.MirroredStrategy()
+    mixed = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and bool(gpus))
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    log.info("devices: %d GPU(s); %d replica(s); mixed precision %s", len(gpus),
+             strategy.num_replicas_in_sync, "on" if mixed else "off")
+    return strategy, mixed
+
+
+def _recall_at_iou(detector, dataset, iou: float = 0.5, min_score: float = 0.05,
+                   top_k: int = 10) -> dict:
+    """Share of ground-truth boxes found by one of the top ``top_k`` detections with the same
+    class and IoU >= ``iou`` (a quick held-out check; full COCO metrics are the evaluate step)."""
+    import numpy as np
+
+    from petdet_tasks.detector import detect_batch
+
+    found = total = 0
+    for images, targets in dataset:
+        out = detect_batch(detector, images)
+        boxes, scores, labels = (np.asarray(out["boxes"]), np.asarray(out["confidence"]),
+                                 np.asarray(out["labels"]))
+        gt_boxes, gt_labels = targets["boxes"].numpy(), targets["labels"].numpy()
+        for i in range(len(gt_boxes)):
+            keep = (scores[i] >= min_score) & (labels[i] >= 0)
+            order = np.argsort(-scores[i][keep])[:top_k]
+            pb, pl = boxes[i][keep][order], labels[i][keep][order]
+            for gb, gl in zip(gt_boxes[i], gt_labels[i], strict=True):
+                if gl < 0:
+                    continue
+                total += 1
+                if len(pb) and np.any((_iou(gb, pb) >= iou) & (pl == gl)):
+                    found += 1
+    return {"val_boxes": int(total),
+            "val_recall_iou50": round(found / total, 4) if total else None}
+
+
+def _iou(box, boxes):
+    import numpy as np
+
+    y0 = np.maximum(box[0], boxes[:, 0])
+    x0 = np.maximum(box[1], boxes[:, 1])
+    y1 = np.minimum(box[2], boxes[:, 2])
+    x1 = np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(y1 - y0, 0, None) * np.clip(x1 - x0, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / np.maximum(area + areas - inter, 1e-9)
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Loss and learning rate against the step, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax.plot(steps, [h["loss"] for h in history], color="tab:blue", label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss", color="tab:blue")
+    if history and min(h["loss"] for h in history) > 0:
+        ax.set_yscale("log")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [h["lr"] for h in history], color="tab:orange", label="learning rate")
+    ax2.set_ylabel("learning rate", color="tab:orange")
+    ax.set_title("petdet training")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------
+
+class _Checkpointer:
+    """Writes ``tf.train.Checkpoint`` files locally and mirrors them into the store."""
+
+    def __init__(self, writer: StepWriter, local: Path, model, optimizer):
+        import tensorflow as tf
+
+        self.writer, self.store, self.local = writer, writer.store, local
+        self.ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer)
+        self.uploaded: list[int] = []
+
+    def latest_step(self) -> int | None:
+        try:
+            latest = json.loads(self.store.get_bytes(self.writer.prefix + CHECKPOINTS
+                                                     + "latest.json")[0])
+        except NotFound:
+            return None
+        return int(latest["step"])
+
+    def restore(self) -> int:
+        """Restore the newest checkpoint of an earlier attempt; returns its step (0: none)."""
+        step = self.latest_step()
+        if step is None:
+            return 0
+        prefix = self.writer.prefix + CHECKPOINTS
+        name = f"ckpt-{step}"
+        for obj in self.store.list(prefix + name + "."):
+            self.store.download_file(obj.key, self.local / obj.key[len(prefix):])
+        status = self.ckpt.read(str(self.local / name))
+        status.assert_existing_objects_matched()
+        return step
+
+    def save(self, step: int, extra_files: dict[str, Path]) -> None:
+        """Checkpoint files first, then the extra files, then ``latest.json`` (the pointer a
+        resumed run follows), then the checkpoints older than the last two are dropped."""
+        name = f"ckpt-{step}"
+        path = self.ckpt.write(str(self.local / name))
+        for f in sorted(self.local.glob(name + ".*")):
+            self.store.put_file(self.writer.prefix + CHECKPOINTS + f.name, f)
+        for rel, f in extra_files.items():
+            if f.exists():
+                self.store.put_file(self.writer.prefix + rel, f)
+        self.store.put_bytes(self.writer.prefix + CHECKPOINTS + "latest.json",
+                             json.dumps({"step": step, "path": Path(path).name}).encode())
+        self.uploaded.append(step)
+        for old in self.uploaded[:-KEEP_CHECKPOINTS]:
+            for obj in list(self.store.list(self.writer.prefix + CHECKPOINTS + f"ckpt-{old}.")):
+                self.store.delete(obj.key)
+            for f in self.local.glob(f"ckpt-{old}.*"):
+                f.unlink()
+        self.uploaded = self.uploaded[-KEEP_CHECKPOINTS:]
+        log.info("checkpoint at step %d saved to %s", step, self.writer.uri(CHECKPOINTS))
+
+
+def train(store: Store, tfrecords_uri: str, cfg: TrainConfig, *, cache_dir=None,
+          run_id: str | None = None, force: bool = False) -> StepResult:
+    """Run (or resume, or find cached) the training step; see the module doc."""
+    cfg.validate()
+    records = load_output(store, tfrecords_uri, expect_step="tfrecords")
+    inputs = {"tfrecords": records.fingerprint, "preset": preset_identity(store, cfg.preset)}
+    fp = fingerprint(STEP, SCHEMA_VERSION, inputs, cfg.fingerprint_fields())
+    cache = _cache_root(cache_dir)
+
+    def body(writer: StepWriter) -> dict:
+        return _train_body(store, writer, records, cfg, cache, fp)
+
+    return run_step(store, STEP, SCHEMA_VERSION, inputs=inputs, config=cfg.fingerprint_fields(),
+                    body=body, force=force, resume=True, fp=fp, run_id=run_id,
+                    lease_ttl_s=LEASE_TTL_S,
+                    extra_manifest={"train_config": cfg.to_dict()})
+
+
+def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: TrainConfig,
+                cache: Path, fp: str) -> dict:
+    import keras
+
+    from petdet_tasks.detector import load_for_finetune
+    from petdet_tasks.label_map import parse_label_map
+    from petdet_tasks.train_input import InputConfig, make_dataset, stage_shards
+
+    labels = parse_label_map(store.read_text(step_prefix("tfrecords", records.fingerprint)
+                                             + "label_map.pbtxt"))
+    num_classes = len(labels)
+    if cfg.num_classes is not None and cfg.num_classes != num_classes:
+        raise ValueError(f"train config num_classes={cfg.num_classes} but the records' label "
+                         f"map has {num_classes} classes")
+    work = cache / "training" / fp
+    ckpt_dir = work / "ckpt"
+    shutil.rmtree(work, ignore_errors=True)  # the store holds the truth; local is scratch
+    ckpt_dir.mkdir(parents=True)
+    keras.utils.set_random_seed(cfg.seed)
+
+    strategy, mixed = _strategy_and_precision(cfg)
+    replicas = strategy.num_replicas_in_sync
+    global_batch = cfg.batch_size * replicas
+    shard_cache = cache / "tfrecords"
+    train_paths = stage_shards(store, records.uri, "train", shard_cache)
+    val_paths = stage_shards(store, records.uri, "val", shard_cache)
+    aug = cfg.augmentation
+    in_cfg = InputConfig(image_size=cfg.image_size, keep_aspect_ratio=cfg.keep_aspect_ratio,
+                         batch_size=global_batch, horizontal_flip=aug.horizontal_flip,
+                         scale_jitter=tuple(aug.scale_jitter), color_jitter=aug.color_jitter,
+                         seed=cfg.seed)
+    train_ds = make_dataset(train_paths, labels.ids, in_cfg, training=True)
+    val_ds = make_dataset(val_paths, labels.ids, in_cfg, training=False)
+
+    with strategy.scope():
+        preset = resolve_preset(store, cfg.preset, cache)
+        detector = load_for_finetune(preset, num_classes, image_size=cfg.image_size,
+                                     freeze_backbone=cfg.freeze_backbone)
+        optimizer = _optimizer(cfg)
+        detector.compile(optimizer=optimizer)
+        optimizer.build(detector.trainable_variables)
+        checkpointer = _Checkpointer(writer, ckpt_dir, detector, optimizer)
+        start = checkpointer.restore()
+    if start:
+        log.info("resuming from the checkpoint at step %d of %d", start, cfg.num_steps)
+        try:
+            history = [json.loads(line) for line in store.read_text(
+                writer.prefix + "history.jsonl").splitlines() if line.strip()]
+        except NotFound:
+            history = []
+        history = [h for h in history if h["step"] <= start]
+    else:
+        history = []
+
+    history_path = work / "history.jsonl"
+    logs_dir = work / "logs"
+    progress = _Progress(cfg, global_batch, start, history, history_path, logs_dir)
+    every = cfg.checkpoint_every_n
+    step = start
+    if step < cfg.num_steps:
+        log.info("training steps %d..%d, global batch %d, %s, checkpoint every %d", step,
+                 cfg.num_steps, global_batch, cfg.optimizer, every)
+    while step < cfg.num_steps:
+        # one fit() per checkpoint interval: the last one may be shorter
+        n = min(every - step % every, cfg.num_steps - step)
+        detector.fit(train_ds, steps_per_epoch=n, epochs=1, verbose=0, callbacks=[progress])
+        step += n
+        if step < cfg.num_steps:
+            checkpointer.save(step, {"history.jsonl": history_path})
+    final_step = int(optimizer.iterations.numpy())
+    if final_step != cfg.num_steps:
+        raise RuntimeError(f"training ended at step {final_step}, expected {cfg.num_steps}")
+
+    metrics = _recall_at_iou(detector, val_ds)
+    preset_dir = work / "preset"
+    detector.save_to_preset(str(preset_dir))
+    plot_curves(history, work / "curves.png")
+    history_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    # the published outputs: the newest checkpoint, the preset, the curves, the logs
+    for rel in list(_listing(store, writer.prefix + CHECKPOINTS)):
+        if not rel.startswith(f"ckpt-{final_step}.") and rel != "latest.json":
+            store.delete(writer.prefix + CHECKPOINTS + rel)
+    if final_step not in checkpointer.uploaded:
+        checkpointer.save(final_step, {})
+    for rel in _listing(store, writer.prefix + CHECKPOINTS):
+        local = ckpt_dir / rel
+        if local.exists():  # uploaded by the checkpointer just now: record, don't re-upload
+            writer.register(CHECKPOINTS + rel, sha256_file(local))
+        else:
+            writer.put_bytes(CHECKPOINTS + rel,
+                             store.get_bytes(writer.prefix + CHECKPOINTS + rel)[0])
+    writer.put_tree(preset_dir, "preset/")
+    if logs_dir.exists():
+        writer.put_tree(logs_dir, "logs/")
+    writer.put_file("history.jsonl", history_path)
+    writer.put_file("curves.png", work / "curves.png")
+    writer.put_bytes("label_map.pbtxt", labels.to_pbtxt().encode())
+    writer.put_json("train_config.json", cfg.to_dict())
+    final_loss = history[-1]["loss"] if history else None
+    log.info("training done: %d steps, final loss %s, val recall@IoU0.5 %s", final_step,
+             final_loss, metrics["val_recall_iou50"])
+    return {"steps": final_step, "resumed_from": start, "final_loss": final_loss,
+            "num_classes": num_classes, "image_size": cfg.image_size,
+            "global_batch": global_batch, "replicas": replicas, "mixed_precision": mixed,
+            **metrics}
+
+
+def _listing(store: Store, prefix: str) -> list[str]:
+    return [o.key[len(prefix):] for o in store.list(prefix)]
+
+
+def _make_progress_class():
+    import keras
+    import tensorflow as tf
+
+    class Progress(keras.callbacks.Callback):
+        """Logs step/total, loss, lr, images/s and ETA every ``log_every_n`` steps, and writes
+        the same numbers to history.jsonl and TensorBoard (keyed by the true global step, so a
+        resumed run continues the curves)."""
+
+        def __init__(self, cfg, global_batch, start, history, history_path, logs_dir):
+            super().__init__()
+            self.cfg, self.batch, self.step = cfg, global_batch, start
+            self.history, self.history_path = history, history_path
+            self.summary = tf.summary.create_file_writer(str(logs_dir))
+            self.t_last = time.monotonic()
+            self.step_at_last = start
+            self.losses: list[float] = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.step += 1
+            self.losses.append(float((logs or {}).get("loss", float("nan"))))
+            if self.step % self.cfg.log_every_n and self.step != self.cfg.num_steps:
+                return
+            now = time.monotonic()
+            rate = (self.step - self.step_at_last) * self.batch / max(now - self.t_last, 1e-9)
+            left = (self.cfg.num_steps - self.step) * self.batch / max(rate, 1e-9)
+            mean = sum(self.losses) / len(self.losses)
+            lr = self.cfg.learning_rate.lr_at(self.step, self.cfg.num_steps)
+            log.info("step %d/%d  loss %.4f  lr %.3g  %.1f images/s  ETA %s", self.step,
+                     self.cfg.num_steps, mean, lr, rate, _hms(left))
+            self.history.append({"step": self.step, "loss": round(mean, 5), "lr": lr,
+                                 "images_per_s": round(rate, 2)})
+            self.history_path.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+            with self.summary.as_default(step=self.step):
+                tf.summary.scalar("loss", mean)
+                tf.summary.scalar("learning_rate", lr)
+                tf.summary.scalar("images_per_second", rate)
+            self.summary.flush()
+            self.losses.clear()
+            self.t_last, self.step_at_last = now, self.step
+
+    return Progress
+
+
+def _Progress(*args):  # noqa: N802 - builds the Keras callback class lazily (no TF at import)
+    return _make_progress_class()(*args)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
