@@ -24,6 +24,7 @@ its single CPU replica runs the same code); ``batch_size`` is per replica, the g
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -336,7 +337,6 @@ def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: Trai
                          batch_size=global_batch, horizontal_flip=aug.horizontal_flip,
                          scale_jitter=tuple(aug.scale_jitter), color_jitter=aug.color_jitter,
                          seed=cfg.seed)
-    train_ds = make_dataset(train_paths, labels.ids, in_cfg, training=True)
     val_ds = make_dataset(val_paths, labels.ids, in_cfg, training=False)
 
     with strategy.scope():
@@ -370,6 +370,12 @@ def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: Trai
     while step < cfg.num_steps:
         # one fit() per checkpoint interval: the last one may be shorter
         n = min(every - step % every, cfg.num_steps - step)
+        # a fresh input stream per interval, seeded by its first step: no interval replays
+        # another's shuffle and augmentation draws, and a resumed run sees what an
+        # uninterrupted one would have seen
+        train_ds = make_dataset(train_paths, labels.ids,
+                                dataclasses.replace(in_cfg, seed=cfg.seed + step),
+                                training=True)
         detector.fit(train_ds, steps_per_epoch=n, epochs=1, verbose=0, callbacks=[progress])
         step += n
         if step < cfg.num_steps:
