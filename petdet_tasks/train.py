@@ -441,9 +441,15 @@ def _make_progress_class():
             self.step_at_last = start
             self.losses: list[float] = []
 
+        def on_train_begin(self, logs=None):
+            self.running = 0.0  # Keras reports the mean loss since the start of fit()
+
         def on_train_batch_end(self, batch, logs=None):
             self.step += 1
-            self.losses.append(float((logs or {}).get("loss", float("nan"))))
+            running = float((logs or {}).get("loss", float("nan")))
+            # this batch's own loss, recovered from the running mean over batches 0..batch
+            self.losses.append((batch + 1) * running - batch * self.running)
+            self.running = running
             if self.step % self.cfg.log_every_n and self.step != self.cfg.num_steps:
                 return
             now = time.monotonic()

@@ -71,11 +71,12 @@ def test_fine_tuning_learns_the_synthetic_pets_and_is_cached(setup):
     out = result.outputs
     assert out["steps"] == 300 and out["resumed_from"] == 0
     assert out["num_classes"] == 6
-    # Chance is ~0: a hit needs one of the top 10 boxes on the pet's head at IoU >= 0.5 AND the
-    # right breed of 6. This run measured 0.33 here (a tiny encoder from a 2-step preset, 300
-    # CPU steps); 0.15 leaves room for the nondeterministic input order without admitting a
-    # model that learned nothing.
-    assert out["val_recall_iou50"] >= 0.15, out
+    # A hit needs one of the top 10 boxes on the pet's head at IoU >= 0.5 AND the right breed
+    # of 6. Ten boxes thrown at random on these 128 px images hit a head that way ~2% of the
+    # time (heads cover 2-15% of the image; 1 in 6 breeds). The same 300 CPU steps from this
+    # tiny 2-step preset measured 0.23-0.40 here across runs (the input order is not
+    # deterministic); 0.1 (3 of the 30 val heads) is 5x chance without failing on a slow run.
+    assert out["val_recall_iou50"] >= 0.1, out
     files = result.manifest["files"]
     for rel in ("curves.png", "history.jsonl", "label_map.pbtxt", "train_config.json",
                 "preset/config.json", "checkpoints/latest.json",
