@@ -149,9 +149,12 @@ def detect_batch(detector, images):
     run eagerly: keras-hub 0.32's ``predict`` retraces with a relaxed (None) batch size after
     batches of different sizes, and its NMS cannot trace that. Returns numpy arrays
     ``boxes`` [B, 100, 4] (yxyx pixels), ``confidence`` [B, 100], ``labels`` [B, 100] (-1 pad)."""
+    import keras
     import numpy as np
 
     x = detector.preprocessor(images)
     raw = detector(x, training=False)
-    out = detector.decode_predictions(raw, x)
+    # under mixed_float16 the heads emit float16; the anchors and the decoding are float32
+    raw = {k: keras.ops.cast(v, "float32") for k, v in raw.items()}
+    out = detector.decode_predictions(raw, keras.ops.cast(x, "float32"))
     return {k: np.asarray(v) for k, v in out.items()}

@@ -129,3 +129,22 @@ def test_sigkill_then_rerun_resumes_from_the_checkpoint(setup, tmp_path):
     assert manifest is not None and manifest["outputs"]["steps"] == 40
     assert "checkpoints/ckpt-40.index" in manifest["files"]
     assert not any(k.startswith("checkpoints/ckpt-20") for k in manifest["files"])
+
+
+def test_mixed_precision_path_runs_on_cpu(setup):
+    """The GPU configuration (mixed_float16 + loss scaling) forced on: the step counter, the
+    checkpoints and the decoding of float16 head outputs all hold."""
+    import math
+
+    work, store, records, preset = setup
+    cfg = _config(preset, image_size=64, batch_size=4, num_steps=4, checkpoint_every_n=2,
+                  log_every_n=2, mixed_precision="on",
+                  learning_rate=LRSchedule(kind="constant", initial_learning_rate=0.001))
+    try:
+        out = train(store, records.uri, cfg, cache_dir=work / "cache").outputs
+    finally:
+        import keras
+
+        keras.mixed_precision.set_global_policy("float32")
+    assert out["steps"] == 4 and out["mixed_precision"] is True
+    assert math.isfinite(out["final_loss"])
