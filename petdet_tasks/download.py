@@ -25,8 +25,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -160,20 +158,6 @@ def _count_layout(root: Path) -> dict[str, int]:
     }
 
 
-def _upload_tree(writer: StepWriter, root: Path, workers: int) -> int:
-    paths = sorted(p for p in root.rglob("*") if p.is_file())
-    total, done, last = len(paths), 0, time.monotonic()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(writer.put_file, p.relative_to(root).as_posix(), p) for p in paths]
-        for fut in futures:
-            fut.result()
-            done += 1
-            if time.monotonic() - last > 10 or done == total:
-                log.info("uploaded %d/%d files to %s", done, total, writer.uri())
-                last = time.monotonic()
-    return total
-
-
 def download(store: Store, cfg: DownloadConfig = DownloadConfig(), *,
              run_id: str | None = None) -> StepResult:
     """Run the download step (module doc); returns the committed (or cached) output."""
@@ -216,7 +200,7 @@ def download(store: Store, cfg: DownloadConfig = DownloadConfig(), *,
                 log.info("%s: %d files extracted safely", name, n)
             counts = _count_layout(work)
             log.info("dataset layout: %s", counts)
-            uploaded = _upload_tree(writer, work, cfg.upload_workers)
+            uploaded = writer.put_tree(work, workers=cfg.upload_workers)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return {**counts, "files": uploaded, "archives": archives, "source": source,

@@ -138,15 +138,24 @@ class StepWriter:
 
     def put_tree(self, local_dir: str | os.PathLike, rel_prefix: str = "", *,
                  workers: int = 8) -> int:
-        """Upload every file under ``local_dir`` (in parallel); returns the count."""
+        """Upload every file under ``local_dir`` (in parallel, progress logged at most every
+        10 s); returns the count."""
         from concurrent.futures import ThreadPoolExecutor
 
         base = Path(local_dir)
         paths = sorted(p for p in base.rglob("*") if p.is_file())
+        total, done, last = len(paths), 0, time.monotonic()
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(lambda p: self.put_file(rel_prefix + p.relative_to(base).as_posix(),
-                                                  p), paths))
-        return len(paths)
+            futures = [pool.submit(self.put_file,
+                                   rel_prefix + p.relative_to(base).as_posix(), p)
+                       for p in paths]
+            for fut in futures:
+                fut.result()
+                done += 1
+                if time.monotonic() - last > 10 or done == total:
+                    log.info("uploaded %d/%d files to %s", done, total, self.uri(rel_prefix))
+                    last = time.monotonic()
+        return total
 
     @staticmethod
     def _check_rel(rel: str) -> None:

@@ -200,9 +200,7 @@ def _list_names(text: str) -> list[str]:
     return names
 
 
-def _source_files(store: Store, base: str, manifest_files: dict | None) -> set[str]:
-    if manifest_files is not None:
-        return set(manifest_files)
+def _listed_files(store: Store, base: str) -> set[str]:
     return {o.key[len(base):] for o in store.list(base)}
 
 
@@ -273,7 +271,7 @@ def plan(store: Store, dataset_uri: str, cfg: TFRecordConfig) -> Plan:
     if cfg.extra_data:
         extra = _extra_prefix(store, cfg.extra_data)
         inputs["extra_data"] = _prefix_digest(store, extra)
-        extra_examples = _examples_from(store, extra, _source_files(store, extra, None), "extra",
+        extra_examples = _examples_from(store, extra, _listed_files(store, extra), "extra",
                                         cfg, labels, skipped)
         clash = sorted({e.name for e in examples} & {e.name for e in extra_examples})
         if clash:
