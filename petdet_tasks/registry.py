@@ -1,0 +1,279 @@
+"""Champion/challenger promotion of an exported model through ``registry/production.json``.
+
+The pointer names the production model and the metrics it was promoted on::
+
+    {"schema": 1, "model_uri": ..., "model_fingerprint": ..., "evaluation_uri": ...,
+     "metric": "mAP", "value": 0.412, "metrics": {...}, "promoted_at": "...+00:00",
+     "run_id": ..., "previous": {"model_uri": ..., "model_fingerprint": ..., "value": ...}}
+
+:func:`promote` compares a candidate with the current champion (higher is better): the first
+model is always promoted; later ones only when strictly better *and* better by at least
+``margin``. The pointer is replaced with a compare-and-swap on its ETag (created with a
+create-only put), so two runs promoting at once cannot lose an update: the loser gets
+:class:`~petdet_tasks.store.PreconditionFailed`, re-reads the pointer and decides again
+against the champion that is really there now. A pointer is always written whole (the JSON is
+built first, and a store put is atomic), so nobody ever reads a half-written one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import numbers
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from petdet_tasks.layout import PRODUCTION_POINTER, split_output_uri
+from petdet_tasks.store import NotFound, PreconditionFailed, Store
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "schema": int,
+    "model_uri": str,
+    "model_fingerprint": str,
+    "metric": str,
+    "value": (int, float),
+    "metrics": dict,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """The outcome of one :func:`promote` call (also what the promote task pushes to XCom)."""
+
+    promoted: bool  # True also when the candidate already IS production (idempotent retry)
+    reason: str  # one human sentence with both numbers
+    metric: str
+    candidate: float
+    production: float | None  # the production value compared with (None: no production yet)
+    margin: float
+    candidate_model: str  # model URI
+    production_model: str | None  # the model it was compared with
+    pointer: dict | None  # the production.json content after the decision
+
+    def to_json(self) -> dict:
+        """Plain JSON (the pointer included)."""
+        return dataclasses.asdict(self)
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None when it is not a finite real number (bools are
+    not metrics; numpy scalars are accepted)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    f = float(value)
+    return f if math.isfinite(f) else None
+
+
+def _fmt(x: float) -> str:
+    """Short, readable form of a metric value that still tells close values apart."""
+    for digits in (4, 6, 9):
+        s = f"{x:.{digits}g}"
+        if math.isclose(float(s), x, rel_tol=1e-9, abs_tol=1e-12):
+            return s
+    return repr(x)
+
+
+def _pointer_uri(store: Store) -> str:
+    return store.uri(PRODUCTION_POINTER)
+
+
+def read_production(store: Store) -> tuple[dict | None, str | None]:
+    """(pointer, etag); (None, None) when no model was promoted yet.
+
+    A pointer that is not valid JSON or lacks required fields raises ValueError naming the key
+    (never silently treated as empty: that would let any model replace the champion).
+    """
+    try:
+        data, etag = store.get_bytes(PRODUCTION_POINTER)
+    except NotFound:
+        return None, None
+    where = _pointer_uri(store)
+    try:
+        pointer = json.loads(data)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{where} is not valid JSON ({e}); fix or remove it by hand") from None
+    if not isinstance(pointer, dict):
+        raise ValueError(
+            f"{where} is not a production pointer: expected a JSON object, got "
+            f"{type(pointer).__name__}")
+    missing = [k for k in REQUIRED_FIELDS if k not in pointer]
+    if missing:
+        raise ValueError(
+            f"{where} is not a production pointer: missing field(s) "
+            + ", ".join(repr(k) for k in missing))
+    wrong = [k for k, t in REQUIRED_FIELDS.items()
+             if not isinstance(pointer[k], t) or isinstance(pointer[k], bool)]
+    if wrong:
+        raise ValueError(
+            f"{where} is not a production pointer: wrong type for field(s) "
+            + ", ".join(f"{k!r} ({type(pointer[k]).__name__})" for k in wrong))
+    if pointer["schema"] != SCHEMA_VERSION:
+        raise ValueError(
+            f"{where} has schema {pointer['schema']}, this code reads schema {SCHEMA_VERSION}")
+    if _number(pointer["value"]) is None:
+        raise ValueError(f"{where} has a non-finite value {pointer['value']!r}")
+    if not pointer["model_fingerprint"] or not pointer["model_uri"]:
+        raise ValueError(f"{where} has an empty model_uri or model_fingerprint")
+    return pointer, etag
+
+
+def _production_value(store: Store, pointer: dict, metric: str) -> float:
+    """Production's value of ``metric``: its promoted value when it was promoted on the same
+    metric, else its recorded ``metrics[metric]``; ValueError when it has none."""
+    if pointer["metric"] == metric:
+        return float(pointer["value"])
+    value = _number(pointer["metrics"].get(metric))
+    if value is None:
+        raise ValueError(
+            f"cannot compare on {metric!r}: production model {pointer['model_uri']} was promoted "
+            f"on {pointer['metric']!r} and {_pointer_uri(store)} records no finite {metric!r} "
+            f"for it (recorded metrics: {sorted(pointer['metrics'])}); promote on "
+            f"{pointer['metric']!r} or replace the pointer deliberately")
+    return value
+
+
+def _json_metrics(metrics: Mapping[str, float | None]) -> dict[str, float | None]:
+    """The metrics that JSON can hold: finite numbers (as float) and None (null)."""
+    out: dict[str, float | None] = {}
+    for name, value in metrics.items():
+        if value is None:
+            out[str(name)] = None
+        elif (num := _number(value)) is not None:
+            out[str(name)] = num
+        else:
+            log.debug("metric %r = %r is not JSON-safe; left out of the pointer", name, value)
+    return out
+
+
+def _encode(pointer: dict) -> bytes:
+    return (json.dumps(pointer, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def promote(store: Store, *, model_uri: str, model_fingerprint: str, evaluation_uri: str,
+            metrics: Mapping[str, float | None], metric: str = "mAP", margin: float = 0.0,
+            run_id: str | None = None, max_attempts: int = 20) -> Decision:
+    """Make the model production if it beats the current one on ``metric`` (module doc).
+
+    Promoted when there is no production model yet, or when ``candidate > production`` and
+    ``candidate >= production + margin`` (a tie never promotes; float rounding in the margin
+    comparison is tolerated). A candidate that already is production (same fingerprint) is
+    reported as promoted without writing. When the pointer changes between our read and our
+    write, the decision is taken again against the new champion, at most ``max_attempts``
+    times (then RuntimeError).
+
+    :raises ValueError: ``metric`` is not a finite number in ``metrics``, ``margin`` is
+        negative or not finite, the pointer is invalid, or production has no value for
+        ``metric``.
+    """
+    numeric = {k: v for k, v in ((k, _number(v)) for k, v in metrics.items()) if v is not None}
+    if metric not in numeric:
+        got = "missing" if metric not in metrics else f"{metrics[metric]!r}, not a finite number"
+        raise ValueError(
+            f"cannot promote on metric {metric!r} ({got}); numeric metrics available: "
+            f"{sorted(numeric) or 'none'}")
+    candidate = numeric[metric]
+    if _number(margin) is None or margin < 0:
+        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+    margin = float(margin)
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts!r}")
+    for name, value in (("model_uri", model_uri), ("model_fingerprint", model_fingerprint),
+                        ("evaluation_uri", evaluation_uri)):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    try:
+        _, _, uri_fp = split_output_uri(model_uri)
+    except ValueError:
+        uri_fp = None  # not a <root>/<folder>/<fp> URI: nothing to cross-check
+    if uri_fp is not None and uri_fp != model_fingerprint:
+        raise ValueError(
+            f"model_fingerprint {model_fingerprint!r} does not match the fingerprint "
+            f"{uri_fp!r} in model_uri {model_uri}")
+    safe_metrics = _json_metrics(metrics)
+
+    def decided(promoted: bool, reason: str, production: float | None,
+                production_model: str | None, pointer: dict | None) -> Decision:
+        log.info("candidate %s (run %s): %s", model_uri, run_id, reason)
+        return Decision(promoted=promoted, reason=reason, metric=metric, candidate=candidate,
+                        production=production, margin=margin, candidate_model=model_uri,
+                        production_model=production_model, pointer=pointer)
+
+    pointer, etag = read_production(store)
+    for _attempt in range(max_attempts):
+        if pointer is None:
+            production = None
+            previous = None
+            reason = (f"promoted: {metric} {_fmt(candidate)} is the first production model "
+                      "(no production model yet)")
+        else:
+            if pointer["model_fingerprint"] == model_fingerprint:
+                value = _number(pointer["metrics"].get(metric))
+                if pointer["metric"] == metric:
+                    value = float(pointer["value"])
+                return decided(
+                    True,
+                    f"already in production: model {pointer['model_uri']} is production "
+                    f"({pointer['metric']} {_fmt(float(pointer['value']))}; this evaluation "
+                    f"{metric} {_fmt(candidate)}); nothing written",
+                    value, pointer["model_uri"], pointer)
+            production = _production_value(store, pointer, metric)
+            champion = f"production {_fmt(production)} (model {pointer['model_uri']})"
+            gain = candidate - production
+            enough = gain >= margin or math.isclose(gain, margin, rel_tol=1e-9, abs_tol=1e-12)
+            if candidate == production:
+                return decided(False, f"not promoted: {metric} {_fmt(candidate)} ties "
+                               f"{champion}; a tie keeps the champion",
+                               production, pointer["model_uri"], pointer)
+            if candidate < production:
+                return decided(False, f"not promoted: {metric} {_fmt(candidate)} is worse than "
+                               f"{champion} by {_fmt(-gain)}",
+                               production, pointer["model_uri"], pointer)
+            if not enough:
+                return decided(False, f"not promoted: {metric} {_fmt(candidate)} beats "
+                               f"{champion} by only {_fmt(gain)} < margin {_fmt(margin)}",
+                               production, pointer["model_uri"], pointer)
+            previous = {"model_uri": pointer["model_uri"],
+                        "model_fingerprint": pointer["model_fingerprint"],
+                        "value": production}
+            reason = (f"promoted: {metric} {_fmt(candidate)} beats {champion} by {_fmt(gain)} "
+                      f">= margin {_fmt(margin)}")
+
+        new_pointer = {
+            "schema": SCHEMA_VERSION,
+            "model_uri": model_uri,
+            "model_fingerprint": model_fingerprint,
+            "evaluation_uri": evaluation_uri,
+            "metric": metric,
+            "value": candidate,
+            "metrics": safe_metrics,
+            "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "run_id": run_id,
+            "previous": previous,
+        }
+        body = _encode(new_pointer)  # whole pointer built before anything is written
+        try:
+            if etag is None:
+                store.put_bytes(PRODUCTION_POINTER, body, if_absent=True)
+            else:
+                store.put_bytes(PRODUCTION_POINTER, body, if_match=etag)
+        except PreconditionFailed:
+            pointer, etag = read_production(store)
+            if pointer is None:
+                now = "no production model"
+            else:
+                now = (f"model {pointer['model_uri']}, {pointer['metric']} "
+                       f"{_fmt(float(pointer['value']))}")
+            log.warning("%s changed while promoting %s (now %s); deciding again",
+                        PRODUCTION_POINTER.rsplit("/", 1)[-1], model_uri, now)
+            continue
+        return decided(True, reason, production,
+                       None if pointer is None else pointer["model_uri"], new_pointer)
+    raise RuntimeError(
+        f"gave up promoting {model_uri} after {max_attempts} attempts: {_pointer_uri(store)} "
+        "kept changing between read and write")
