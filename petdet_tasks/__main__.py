@@ -58,6 +58,30 @@ def _cmd_train(args) -> dict:
                  force=args.force).to_xcom()
 
 
+def _cmd_export(args) -> dict:
+    from petdet_tasks.export import ExportConfig, export
+
+    cfg = ExportConfig(score_threshold=args.score_threshold, iou_threshold=args.iou_threshold,
+                       max_detections=args.max_detections)
+    return export(_store(args.store), args.training, cfg, cache_dir=args.cache_dir,
+                  force=args.force).to_xcom()
+
+
+def _cmd_evaluate(args) -> dict:
+    from petdet_tasks.evaluate import EvalConfig, evaluate
+
+    cfg = EvalConfig(split=args.split, batch_size=args.batch_size)
+    return evaluate(_store(args.store), args.model, args.tfrecords, cfg,
+                    cache_dir=args.cache_dir, force=args.force).to_xcom()
+
+
+def _cmd_promote(args) -> dict:
+    from petdet_tasks.evaluate import promote_evaluated
+
+    return promote_evaluated(_store(args.store), args.evaluation, metric=args.metric,
+                             margin=args.margin, run_id=args.run_id)
+
+
 def _cmd_config_from_pipeline(args) -> int:
     from petdet_tasks.pipeline_config import main_from_pipeline
 
@@ -129,6 +153,36 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cache-dir", default=None, help="local cache (default ~/.cache/petdet)")
     r.add_argument("--force", action="store_true", help="retrain even if already complete")
     r.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("export", help="SavedModel + frozen inference graph from a training")
+    e.add_argument("--store", required=True, help="s3://bucket/prefix or a local directory")
+    e.add_argument("--training", required=True, help="the train step's output URI")
+    e.add_argument("--score-threshold", type=float, default=0.05,
+                   help="lowest score the served model returns")
+    e.add_argument("--iou-threshold", type=float, default=0.5, help="NMS IoU threshold")
+    e.add_argument("--max-detections", type=int, default=100, help="rows per image")
+    e.add_argument("--cache-dir", default=None, help="local cache (default ~/.cache/petdet)")
+    e.add_argument("--force", action="store_true", help="export again even if complete")
+    e.set_defaults(func=_cmd_export)
+
+    v = sub.add_parser("evaluate", help="COCO metrics of an exported model on a split")
+    v.add_argument("--store", required=True, help="s3://bucket/prefix or a local directory")
+    v.add_argument("--model", required=True, help="the export step's output URI")
+    v.add_argument("--tfrecords", required=True, help="the tfrecords step's output URI")
+    v.add_argument("--split", default="val")
+    v.add_argument("--batch-size", type=int, default=8)
+    v.add_argument("--cache-dir", default=None, help="local cache (default ~/.cache/petdet)")
+    v.add_argument("--force", action="store_true", help="evaluate again even if complete")
+    v.set_defaults(func=_cmd_evaluate)
+
+    o = sub.add_parser("promote", help="make an evaluated model production if it is better")
+    o.add_argument("--store", required=True, help="s3://bucket/prefix or a local directory")
+    o.add_argument("--evaluation", required=True, help="the evaluate step's output URI")
+    o.add_argument("--metric", default="mAP", help="metric compared (default mAP)")
+    o.add_argument("--margin", type=float, default=0.0,
+                   help="promote only when better than production by at least this much")
+    o.add_argument("--run-id", default=None, help="recorded with the decision")
+    o.set_defaults(func=_cmd_promote)
 
     c = sub.add_parser("config", help="training config tools")
     csub = c.add_subparsers(dest="config_command", required=True, metavar="TOOL")

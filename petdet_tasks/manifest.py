@@ -401,3 +401,30 @@ def _verify(store: Store, prefix: str, files: dict[str, FileEntry]) -> None:
             f"verification of {store.uri(prefix)} failed before commit: " + "; ".join(problems[:10])
             + (f" (+{len(problems) - 10} more)" if len(problems) > 10 else "")
         )
+
+
+def fetch_tree(store: Store, result: StepResult, rel_prefix: str, dest: str | os.PathLike
+               ) -> Path:
+    """Copy the files of a committed output under ``rel_prefix`` (``"preset/"``,
+    ``"saved_model/"``) into ``dest``, each checked against the manifest's sha256. Files already
+    in ``dest`` with the right size and sha256 are kept (a warm cache costs a hash, not a
+    download); anything else in ``dest`` is left alone. Returns ``dest``."""
+    from petdet_tasks.store import sha256_file
+
+    dest = Path(dest)
+    prefix = step_prefix(result.step, result.fingerprint)
+    files = {rel: e for rel, e in result.manifest.get("files", {}).items()
+             if rel.startswith(rel_prefix)}
+    if not files:
+        raise StoreError(f"{result.uri} has no files under {rel_prefix!r} in its manifest")
+    fetched = 0
+    for rel, entry in sorted(files.items()):
+        local = dest / rel[len(rel_prefix):]
+        if local.is_file() and local.stat().st_size == entry["size"] \
+                and sha256_file(local).sha256 == entry["sha256"]:
+            continue
+        store.download_file(prefix + rel, local, sha256=entry["sha256"])
+        fetched += 1
+    log.info("%s%s → %s (%d files, %d downloaded)", result.uri + "/", rel_prefix, dest,
+             len(files), fetched)
+    return dest

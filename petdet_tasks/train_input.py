@@ -270,6 +270,30 @@ def _color_coefficients(seed: tf.Tensor, strength: float, mean_luma: tf.Tensor
     return saturation * contrast, (1.0 - saturation) * contrast, offset
 
 
+def input_scale(h: tf.Tensor, w: tf.Tensor, size: int, keep_aspect_ratio: bool
+                ) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(sy, sx)``: source pixels → model-input pixels (float32 ``h``/``w``)."""
+    if keep_aspect_ratio:
+        s = float(size) / tf.maximum(h, w)
+        return s, s
+    return float(size) / h, float(size) / w
+
+
+def sample_box(h, w, sy, sx, size: int, off_y=0.0, off_x=0.0):
+    """The ``crop_and_resize`` box (normalised by H-1 / W-1, "align corners" style) whose sample
+    grid is the half-pixel mapping: output centre ``i + 0.5`` ↔ source index
+    ``(i + 0.5 + off) / s - 0.5``. Returns ``(y1, x1, y2, x2)``; works on scalars or
+    per-image vectors (the serving signatures letterbox whole batches with it)."""
+    s_f = float(size)
+    dy = tf.maximum(h - 1.0, 1.0)
+    dx = tf.maximum(w - 1.0, 1.0)
+    y1 = ((0.5 + off_y) / sy - 0.5) / dy
+    y2 = y1 + (s_f - 1.0) / (sy * dy)
+    x1 = ((0.5 + off_x) / sx - 0.5) / dx
+    x2 = x1 + (s_f - 1.0) / (sx * dx)
+    return y1, x1, y2, x2
+
+
 def transform_example(image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, cfg: InputConfig,
                       *, seed: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """One parsed image → the model's per-image input (module doc): ``(image float32 [S, S, 3],
@@ -283,10 +307,7 @@ def transform_example(image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, cfg
     shape = tf.shape(image)
     h = tf.cast(shape[0], tf.float32)
     w = tf.cast(shape[1], tf.float32)
-    if cfg.keep_aspect_ratio:
-        sy = sx = s_f / tf.maximum(h, w)
-    else:
-        sy, sx = s_f / h, s_f / w
+    sy, sx = input_scale(h, w, size, cfg.keep_aspect_ratio)
     boxes = tf.cast(boxes, tf.float32)
     off_y = off_x = tf.constant(0.0)
     flip = tf.constant(False)
@@ -314,14 +335,7 @@ def transform_example(image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, cfg
                                                tf.reduce_mean(luma))
             pixels = tf.clip_by_value(a * pixels + (b * luma + offset), 0.0, 255.0)
 
-    # the sample box of crop_and_resize (normalised by H-1 / W-1, "align corners" style) whose
-    # grid is the half-pixel mapping: output centre i + 0.5 ↔ source index (i+0.5+off)/s - 0.5
-    dy = tf.maximum(h - 1.0, 1.0)
-    dx = tf.maximum(w - 1.0, 1.0)
-    y1 = ((0.5 + off_y) / sy - 0.5) / dy
-    y2 = y1 + (s_f - 1.0) / (sy * dy)
-    x1 = ((0.5 + off_x) / sx - 0.5) / dx
-    x2 = x1 + (s_f - 1.0) / (sx * dx)
+    y1, x1, y2, x2 = sample_box(h, w, sy, sx, size, off_y, off_x)
     # mirroring the source: index x ↔ (W-1) - x, i.e. normalised x ↔ 1 - x
     x1, x2 = tf.where(flip, 1.0 - x1, x1), tf.where(flip, 1.0 - x2, x2)
     out = tf.image.crop_and_resize(pixels[None], tf.stack([y1, x1, y2, x2])[None],

@@ -1,0 +1,582 @@
+"""The export step: a training output → a model people can serve (``models/<fingerprint>/``).
+
+``export(store, training_uri, ExportConfig())`` writes:
+
+* ``saved_model/`` — a TF2 SavedModel (``keras.export.ExportArchive``) with two signatures,
+  both returning the TF Object Detection API contract (float32, ``max_detections`` rows per
+  image, sorted by score):
+
+  - ``serving_default``: ``input_tensor`` uint8 ``[N, H, W, 3]`` (any N, H, W);
+  - ``encoded_image_string_tensor``: ``input_tensor`` string ``[N]``, encoded JPEG/PNG/GIF/BMP
+    (each image its own size);
+
+  outputs ``num_detections [N]``, ``detection_boxes [N, 100, 4]`` (ymin, xmin, ymax, xmax,
+  normalised to the *original* image, clipped to 0..1), ``detection_scores [N, 100]``,
+  ``detection_classes [N, 100]`` (1-based label-map ids). Rows past ``num_detections`` are
+  zero (class 0 is no label-map id).
+* ``frozen_inference_graph.pb`` — the same uint8 function as a TF1 frozen ``GraphDef``: input
+  ``image_tensor:0``, outputs ``detection_boxes:0``, ``detection_scores:0``,
+  ``detection_classes:0``, ``num_detections:0``; loads with ``tf.compat.v1`` exactly as the
+  2019 tutorial's ``object_detection_run.py`` loads it.
+* ``label_map.pbtxt`` (the training's) and ``pipeline.json`` (the training config, the
+  training and records URIs, the input geometry and this export's config).
+
+Inside every signature: the image is letterboxed to the training size exactly as the training
+input pipeline's eval transform does it (:func:`petdet_tasks.train_input.sample_box`), the
+RetinaNet runs, its box deltas are decoded against the anchors, boxes are mapped back to the
+original image and normalised, and one ``CombinedNonMaxSuppression`` (per class, IoU
+``iou_threshold``, scores ≥ ``score_threshold``) keeps the best ``max_detections``.
+
+Verification before the manifest (a failure commits nothing): on fixture images — the first
+val image of the records the model was trained on, and synthetic images of odd sizes in a
+batch of two — every signature of the *reloaded* SavedModel and the frozen graph (through a
+``tf.compat.v1.Session``) must agree with the same computation run eagerly on the Keras
+model: same detections (matched order-insensitively, since near-tied scores can swap rows),
+scores and box coordinates within :data:`PARITY_ATOL`. The eager path's best detection is
+also checked against keras-hub's own decoder, and the model's raw outputs must be finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from petdet_tasks.layout import fingerprint, step_prefix
+from petdet_tasks.manifest import StepResult, StepWriter, fetch_tree, load_output, run_step
+from petdet_tasks.store import Store
+
+log = logging.getLogger(__name__)
+
+STEP = "export"
+SCHEMA_VERSION = 1
+SIGNATURE_IMAGES = "serving_default"
+SIGNATURE_ENCODED = "encoded_image_string_tensor"
+INPUT_KEY = "input_tensor"
+OUTPUT_KEYS = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
+FROZEN_GRAPH = "frozen_inference_graph.pb"
+FROZEN_INPUT = "image_tensor:0"
+FROZEN_OUTPUTS = ("detection_boxes:0", "detection_scores:0", "detection_classes:0",
+                  "num_detections:0")
+# the stated tolerance: |score| and |normalised box coordinate| differences between the
+# exported runtimes and the eager Keras model (float32 throughout; seen: ~1e-6)
+PARITY_ATOL = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported as it is, or an exported artefact disagrees with it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """What the serving graph bakes in (all part of the fingerprint)."""
+
+    score_threshold: float = 0.05
+    iou_threshold: float = 0.5
+    max_detections: int = 100
+
+    def validate(self) -> ExportConfig:
+        errors = []
+        if not 0.0 <= self.score_threshold < 1.0:
+            errors.append(f"score_threshold must be in [0, 1), got {self.score_threshold!r}")
+        if not 0.0 < self.iou_threshold <= 1.0:
+            errors.append(f"iou_threshold must be in (0, 1], got {self.iou_threshold!r}")
+        if not (isinstance(self.max_detections, int) and 1 <= self.max_detections <= 1000):
+            errors.append(f"max_detections must be an int in 1..1000, got "
+                          f"{self.max_detections!r}")
+        if errors:
+            raise ValueError("bad export config: " + "; ".join(errors))
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> ExportConfig:
+        d = dict(d or {})
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown export config fields {unknown}; known: "
+                             f"{[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**d).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# The serving functions
+# ---------------------------------------------------------------------------------------------
+
+class ServingFunctions:
+    """The detector wrapped as plain TF functions of images (module doc for the contract).
+
+    The methods run eagerly as they are (the parity reference) and trace into the SavedModel
+    signatures and the frozen graph."""
+
+    def __init__(self, detector, label_ids, *, image_size: int, keep_aspect_ratio: bool,
+                 cfg: ExportConfig):
+        import tensorflow as tf
+
+        self.tf = tf
+        self.detector = detector
+        self.size = int(image_size)
+        self.keep_aspect_ratio = bool(keep_aspect_ratio)
+        self.cfg = cfg
+        probe = tf.zeros([1, self.size, self.size, 3])
+        anchors = detector.anchor_generator(probe)
+        self.anchors = tf.constant(
+            tf.concat(list(anchors.values()), axis=0).numpy(), tf.float32)
+        self.label_ids = tf.constant(sorted(int(i) for i in label_ids), tf.float32)
+
+    # -- geometry ---------------------------------------------------------------------------
+    def _letterbox(self, images, h, w):
+        """float32 ``[N, S, S, 3]`` + the per-image normaliser ``[N, 2]`` (the original
+        height and width in model-input pixels) for a batch of same-sized images."""
+        from petdet_tasks.train_input import input_scale, sample_box
+
+        tf = self.tf
+        n = tf.shape(images)[0]
+        sy, sx = input_scale(h, w, self.size, self.keep_aspect_ratio)
+        box = tf.stack(sample_box(h, w, sy, sx, self.size))
+        x = tf.image.crop_and_resize(tf.cast(images, tf.float32), tf.tile(box[None], [n, 1]),
+                                     tf.range(n), [self.size, self.size],
+                                     extrapolation_value=0.0)
+        denom = tf.tile(tf.stack([h * sy, w * sx])[None], [n, 1])
+        return x, denom
+
+    # -- the model + decoding + NMS ---------------------------------------------------------
+    def raw(self, x):
+        """The RetinaNet heads on letterboxed float images (float32 outputs)."""
+        tf = self.tf
+        out = self.detector(self.detector.preprocessor(x), training=False)
+        return {k: tf.cast(v, tf.float32) for k, v in out.items()}
+
+    def detect_letterboxed(self, x, denom):
+        import keras
+
+        tf = self.tf
+        raw = self.raw(x)
+        boxes = keras.utils.bounding_boxes.decode_deltas_to_boxes(
+            anchors=self.anchors, boxes_delta=raw["bbox_regression"],
+            encoded_format="center_xywh",
+            anchor_format=self.detector.anchor_generator.bounding_box_format,
+            box_format="yxyx", image_shape=(self.size, self.size, 3))
+        boxes = tf.convert_to_tensor(boxes)
+        # model-input pixels → normalised to the original image (IoU is invariant under the
+        # per-axis scaling, so NMS on normalised boxes keeps the same boxes)
+        scale = tf.concat([denom, denom], axis=-1)[:, None, :]
+        boxes = boxes / scale
+        scores = tf.sigmoid(raw["cls_logits"])
+        k = self.cfg.max_detections
+        nms = tf.image.combined_non_max_suppression(
+            boxes[:, :, None, :], scores, max_output_size_per_class=k, max_total_size=k,
+            iou_threshold=self.cfg.iou_threshold, score_threshold=self.cfg.score_threshold,
+            pad_per_class=False, clip_boxes=True)
+        valid = nms.valid_detections
+        live = tf.range(k)[None, :] < valid[:, None]
+        classes = tf.gather(self.label_ids, tf.cast(nms.nmsed_classes, tf.int32))
+        return {
+            "num_detections": tf.cast(valid, tf.float32),
+            "detection_boxes": tf.where(live[..., None], nms.nmsed_boxes, 0.0),
+            "detection_scores": tf.where(live, nms.nmsed_scores, 0.0),
+            "detection_classes": tf.where(live, classes, 0.0),
+        }
+
+    # -- the two inputs ----------------------------------------------------------------------
+    def from_images(self, input_tensor):
+        """uint8 ``[N, H, W, 3]`` → detections."""
+        tf = self.tf
+        shape = tf.shape(input_tensor)
+        h = tf.cast(shape[1], tf.float32)
+        w = tf.cast(shape[2], tf.float32)
+        x, denom = self._letterbox(input_tensor, h, w)
+        return self.detect_letterboxed(x, denom)
+
+    def from_encoded(self, input_tensor):
+        """string ``[N]`` (encoded images, any sizes) → detections."""
+        tf = self.tf
+        s = self.size
+
+        def one(data):
+            image = tf.io.decode_image(data, channels=3, dtype=tf.uint8,
+                                       expand_animations=False)
+            shape = tf.shape(image)
+            x, denom = self._letterbox(image[None], tf.cast(shape[0], tf.float32),
+                                       tf.cast(shape[1], tf.float32))
+            return x[0], denom[0]
+
+        x, denom = tf.map_fn(one, input_tensor, fn_output_signature=(
+            tf.TensorSpec([s, s, 3], tf.float32), tf.TensorSpec([2], tf.float32)))
+        return self.detect_letterboxed(x, denom)
+
+    def frozen_fn(self, image_tensor):
+        """:meth:`from_images` with the TF1 tensor names of the 2019 tutorial's graph."""
+        tf = self.tf
+        out = self.from_images(image_tensor)
+        return {k: tf.identity(out[k], name=k) for k in OUTPUT_KEYS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing and loading the artefacts
+# ---------------------------------------------------------------------------------------------
+
+def write_saved_model(fns: ServingFunctions, path: Path) -> None:
+    import keras
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()
+    archive.track(fns.detector)
+    archive.add_endpoint(SIGNATURE_IMAGES, fns.from_images, input_signature=[
+        tf.TensorSpec([None, None, None, 3], tf.uint8, name=INPUT_KEY)])
+    archive.add_endpoint(SIGNATURE_ENCODED, fns.from_encoded, input_signature=[
+        tf.TensorSpec([None], tf.string, name=INPUT_KEY)])
+    archive.write_out(str(path), verbose=False)
+
+
+def write_frozen_graph(fns: ServingFunctions, path: Path) -> int:
+    """The frozen GraphDef; returns its size in bytes."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    concrete = tf.function(fns.frozen_fn).get_concrete_function(
+        tf.TensorSpec([None, None, None, 3], tf.uint8, name="image_tensor"))
+    frozen = convert_variables_to_constants_v2(concrete)
+    graph_def = frozen.graph.as_graph_def()
+    names = {n.name for n in graph_def.node}
+    missing = [t for t in (FROZEN_INPUT, *FROZEN_OUTPUTS) if t.split(":")[0] not in names]
+    if missing:
+        raise ExportError(f"frozen graph lacks the tensors {missing}")
+    data = graph_def.SerializeToString()
+    path.write_bytes(data)
+    return len(data)
+
+
+def run_frozen_graph(path: str | os.PathLike, images: np.ndarray) -> dict[str, np.ndarray]:
+    """The tutorial's way: ``tf.compat.v1`` GraphDef → ``import_graph_def`` → ``Session.run``."""
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    with graph.as_default():
+        graph_def = tf.compat.v1.GraphDef()
+        with tf.io.gfile.GFile(os.fspath(path), "rb") as f:
+            graph_def.ParseFromString(f.read())
+        tf.import_graph_def(graph_def, name="")
+    with tf.compat.v1.Session(graph=graph) as sess:
+        values = sess.run(list(FROZEN_OUTPUTS), {FROZEN_INPUT: images})
+    return {k.split(":")[0]: np.asarray(v) for k, v in zip(FROZEN_OUTPUTS, values, strict=True)}
+
+
+def load_saved_model(path: str | os.PathLike):
+    import tensorflow as tf
+
+    return tf.saved_model.load(os.fspath(path))
+
+
+def call_signature(model, name: str, batch) -> dict[str, np.ndarray]:
+    import tensorflow as tf
+
+    fn = model.signatures[name]
+    dtype = tf.string if name == SIGNATURE_ENCODED else tf.uint8
+    out = fn(**{INPUT_KEY: tf.constant(batch, dtype=dtype)})
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+# ---------------------------------------------------------------------------------------------
+
+def compare_detections(ref: dict, got: dict, *, atol: float = PARITY_ATOL,
+                       score_threshold: float = 0.0) -> dict:
+    """Check that ``got`` holds the same detections as ``ref`` (order-insensitively: rows with
+    near-tied scores may come out swapped). A detection whose score is within ``atol`` of the
+    score threshold, or of the lowest kept score when every row is used, may be present in one
+    and not the other. Returns the largest differences;
+    raises :class:`ExportError` describing the first disagreement."""
+    for k in OUTPUT_KEYS:
+        if k not in got:
+            raise ExportError(f"output {k!r} missing (got {sorted(got)})")
+        if got[k].dtype != np.float32:
+            raise ExportError(f"{k} is {got[k].dtype}, expected float32")
+        if got[k].shape != ref[k].shape:
+            raise ExportError(f"{k} has shape {got[k].shape}, expected {ref[k].shape}")
+        if not np.all(np.isfinite(got[k])):
+            raise ExportError(f"{k} has non-finite values")
+    max_score = max_box = 0.0
+    compared = 0
+    rows = ref["detection_scores"].shape[1]
+    for i in range(ref["num_detections"].shape[0]):
+        a = _rows(ref, i)
+        b = _rows(got, i)
+        # a detection near the score threshold, or near the last kept score when all rows are
+        # used (the top-k cut), may fall on either side of it
+        cut = score_threshold
+        for rows_i in (a, b):
+            if len(rows_i) == rows:
+                cut = max(cut, min(s for _, s, _ in rows_i))
+        for mine, theirs, label in ((a, b, "missing"), (b, a, "unexpected")):
+            for cls, score, box in mine:
+                if score < cut + atol:
+                    continue
+                best = None
+                for c2, s2, b2 in theirs:
+                    if c2 == cls and abs(s2 - score) <= atol:
+                        d = float(np.max(np.abs(b2 - box)))
+                        if d <= atol and (best is None or d < best[1]):
+                            best = (abs(s2 - score), d)
+                if best is None:
+                    raise ExportError(
+                        f"image {i}: {label} detection class {cls:g} score {score:.6f} box "
+                        f"{np.round(box, 6).tolist()} (no counterpart within {atol:g})")
+                max_score, max_box = max(max_score, best[0]), max(max_box, best[1])
+                compared += 1
+    return {"compared": compared // 2, "max_score_diff": max_score, "max_box_diff": max_box}
+
+
+def _rows(out: dict, i: int) -> list[tuple[float, float, np.ndarray]]:
+    n = int(out["num_detections"][i])
+    return [(float(out["detection_classes"][i, j]), float(out["detection_scores"][i, j]),
+             out["detection_boxes"][i, j]) for j in range(n)]
+
+
+def fixture_images(store: Store, records_uri: str | None, seed: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray, list[bytes], str]:
+    """``(single [1,H,W,3], pair [2,h,w,3] of odd size, encoded [PNG of single, JPEG of a
+    third size], description)``. The single image is the first val image of the records
+    when they can be read, else a synthetic one."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    image = None
+    what = "synthetic 375x500"
+    if records_uri is not None:
+        image, what = _first_record_image(store, records_uri)
+    if image is None:
+        yy, xx = np.mgrid[0:375, 0:500]
+        image = np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)
+        image[100:300, 150:400] = rng.integers(0, 256, 3, dtype=np.uint8)
+    pil = Image.fromarray(image)
+    pair = np.stack([np.asarray(pil.resize((291, 173))),
+                     np.asarray(pil.resize((291, 173)).transpose(Image.FLIP_LEFT_RIGHT))])
+    png, jpeg = io.BytesIO(), io.BytesIO()
+    pil.save(png, format="PNG")
+    pil.resize((217, 333)).save(jpeg, format="JPEG", quality=90)
+    return image[None], pair, [png.getvalue(), jpeg.getvalue()], what
+
+
+def _first_record_image(store: Store, records_uri: str) -> tuple[np.ndarray | None, str]:
+    import tempfile
+
+    from PIL import Image
+
+    from petdet_tasks.tfexample import decode_example, read_tfrecords
+
+    try:
+        records = load_output(store, records_uri, expect_step="tfrecords")
+    except Exception as e:  # noqa: BLE001 - the records are optional for the check
+        log.warning("no fixture image from %s (%s): using a synthetic one", records_uri, e)
+        return None, ""
+    shards = sorted(rel for rel, e in records.manifest.get("files", {}).items()
+                    if rel.startswith("val-") and e["size"] > 0)
+    prefix = step_prefix("tfrecords", records.fingerprint)
+    for rel in shards:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / rel
+            store.download_file(prefix + rel, local,
+                                sha256=records.manifest["files"][rel]["sha256"])
+            for data in read_tfrecords(local):
+                ex = decode_example(data)
+                img = Image.open(io.BytesIO(ex["image/encoded"][0])).convert("RGB")
+                return np.asarray(img), f"{rel}: {ex['image/filename'][0].decode()}"
+    return None, ""
+
+
+def verify_export(fns: ServingFunctions, saved_model_dir: Path, frozen_path: Path,
+                  fixtures) -> dict:
+    """Every exported runtime against the eager Keras computation (module doc)."""
+    from petdet_tasks.detector import detect_batch
+
+    single, pair, encoded, what = fixtures
+    tf = fns.tf
+    # the model itself must produce numbers
+    x, _ = fns._letterbox(tf.constant(single), float(single.shape[1]), float(single.shape[2]))
+    for k, v in fns.raw(x).items():
+        if not np.all(np.isfinite(v.numpy())):
+            raise ExportError(f"the model's {k} output is not finite on the fixture image "
+                              f"({what}): the weights are broken (NaN/Inf); nothing exported")
+    refs = {
+        "single": {k: v.numpy() for k, v in fns.from_images(tf.constant(single)).items()},
+        "pair": {k: v.numpy() for k, v in fns.from_images(tf.constant(pair)).items()},
+        "encoded": {k: v.numpy() for k, v in fns.from_encoded(tf.constant(encoded)).items()},
+    }
+    # our decoding + NMS against keras-hub's own decoder: the best detection is the same
+    _check_top_detection(fns, x, single, refs["single"], detect_batch)
+
+    model = load_saved_model(saved_model_dir)
+    threshold = fns.cfg.score_threshold
+    checks = {
+        f"{SIGNATURE_IMAGES} 1x{single.shape[1]}x{single.shape[2]}":
+            (refs["single"], call_signature(model, SIGNATURE_IMAGES, single)),
+        f"{SIGNATURE_IMAGES} 2x{pair.shape[1]}x{pair.shape[2]}":
+            (refs["pair"], call_signature(model, SIGNATURE_IMAGES, pair)),
+        f"{SIGNATURE_ENCODED} PNG+JPEG":
+            (refs["encoded"], call_signature(model, SIGNATURE_ENCODED, encoded)),
+        f"{FROZEN_GRAPH} 1x{single.shape[1]}x{single.shape[2]}":
+            (refs["single"], run_frozen_graph(frozen_path, single)),
+        f"{FROZEN_GRAPH} 2x{pair.shape[1]}x{pair.shape[2]}":
+            (refs["pair"], run_frozen_graph(frozen_path, pair)),
+    }
+    report = {"fixture": what, "tolerance": PARITY_ATOL, "checks": {}}
+    for name, (ref, got) in checks.items():
+        try:
+            report["checks"][name] = compare_detections(ref, got, score_threshold=threshold)
+        except ExportError as e:
+            raise ExportError(f"{name} disagrees with the Keras model: {e}") from None
+        log.info("parity %s: %s", name, report["checks"][name])
+    report["reference_detections"] = int(refs["single"]["num_detections"][0])
+    return report
+
+
+def _check_top_detection(fns: ServingFunctions, x, single, ref, detect_batch) -> None:
+    """keras-hub's decoder keeps boxes by their best class score (class-agnostic NMS), ours per
+    class: the single best detection must still be the same box, class and score."""
+    if ref["num_detections"][0] < 1:
+        return
+    theirs = detect_batch(fns.detector, x)
+    if theirs["confidence"][0, 0] < fns.cfg.score_threshold or theirs["labels"][0, 0] < 0:
+        raise ExportError("keras-hub's decoder finds no detection where the export finds "
+                          f"{int(ref['num_detections'][0])}")
+    h, w = single.shape[1:3]
+    s = fns.size / max(h, w) if fns.keep_aspect_ratio else None
+    denom = np.array([h * s, w * s] * 2) if s else np.array([fns.size] * 4, float)
+    box = np.clip(theirs["boxes"][0, 0] / denom, 0, 1)
+    ids = fns.label_ids.numpy()
+    cls = ids[int(theirs["labels"][0, 0])]
+    ok = (cls == ref["detection_classes"][0, 0]
+          and abs(theirs["confidence"][0, 0] - ref["detection_scores"][0, 0]) <= PARITY_ATOL
+          and np.max(np.abs(box - ref["detection_boxes"][0, 0])) <= PARITY_ATOL)
+    if not ok:
+        raise ExportError(
+            f"best detection differs from keras-hub's decoder: class {cls:g} score "
+            f"{theirs['confidence'][0, 0]:.6f} box {np.round(box, 6).tolist()} vs class "
+            f"{ref['detection_classes'][0, 0]:g} score {ref['detection_scores'][0, 0]:.6f} "
+            f"box {np.round(ref['detection_boxes'][0, 0], 6).tolist()}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------
+
+def _cache_root(cache_dir) -> Path:
+    base = cache_dir or os.environ.get("PETDET_CACHE_DIR") or "~/.cache/petdet"
+    return Path(base).expanduser()
+
+
+def export(store: Store, training_uri: str, cfg: ExportConfig | None = None, *,
+           cache_dir=None, run_id: str | None = None, force: bool = False) -> StepResult:
+    """Run (or find cached) the export step; see the module doc."""
+    cfg = (cfg or ExportConfig()).validate()
+    training = load_output(store, training_uri, expect_step="train")
+    inputs = {"training": training.fingerprint}
+    fp = fingerprint(STEP, SCHEMA_VERSION, inputs, cfg.to_dict())
+    cache = _cache_root(cache_dir)
+
+    def body(writer: StepWriter) -> dict:
+        return _export_body(store, writer, training, cfg, cache / "export" / fp)
+
+    return run_step(store, STEP, SCHEMA_VERSION, inputs=inputs, config=cfg.to_dict(),
+                    body=body, force=force, fp=fp, run_id=run_id)
+
+
+def _export_body(store: Store, writer: StepWriter, training: StepResult, cfg: ExportConfig,
+                 work: Path) -> dict:
+    import keras
+
+    from petdet_tasks.label_map import parse_label_map
+
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    train_prefix = step_prefix("train", training.fingerprint)
+    labels = parse_label_map(store.read_text(train_prefix + "label_map.pbtxt"),
+                             source=store.uri(train_prefix + "label_map.pbtxt"))
+    train_cfg = json.loads(store.read_text(train_prefix + "train_config.json"))
+    image_size = int(train_cfg["image_size"])
+    keep_aspect = bool(train_cfg.get("keep_aspect_ratio", True))
+    records_fp = training.manifest.get("inputs", {}).get("tfrecords")
+    records_uri = store.uri(step_prefix("tfrecords", records_fp).rstrip("/")) \
+        if records_fp else None
+
+    preset = fetch_tree(store, training, "preset/", work / "preset")
+    keras.mixed_precision.set_global_policy("float32")  # serve in float32 whatever trained
+    detector = _load_detector(preset)
+    if detector.num_classes != len(labels):
+        raise ExportError(f"the model has {detector.num_classes} classes but its label map "
+                          f"has {len(labels)}")
+    fns = ServingFunctions(detector, labels.ids, image_size=image_size,
+                           keep_aspect_ratio=keep_aspect, cfg=cfg)
+
+    saved_model_dir = work / "saved_model"
+    write_saved_model(fns, saved_model_dir)
+    frozen_path = work / FROZEN_GRAPH
+    frozen_bytes = write_frozen_graph(fns, frozen_path)
+    parity = verify_export(fns, saved_model_dir, frozen_path,
+                           fixture_images(store, records_uri))
+
+    pipeline = {
+        "training_uri": training.uri,
+        "tfrecords_uri": records_uri,
+        "train_config": train_cfg,
+        "export_config": cfg.to_dict(),
+        "input": {"image_size": image_size, "keep_aspect_ratio": keep_aspect,
+                  "dtype": "uint8", "signatures": [SIGNATURE_IMAGES, SIGNATURE_ENCODED]},
+        "label_ids": labels.ids,
+        "training_outputs": training.outputs,
+    }
+    writer.put_tree(saved_model_dir, "saved_model/")
+    writer.put_file(FROZEN_GRAPH, frozen_path)
+    writer.put_bytes("label_map.pbtxt", labels.to_pbtxt().encode())
+    writer.put_json("pipeline.json", pipeline)
+    writer.put_json("parity.json", parity)
+    params = int(sum(np.prod(v.shape) for v in detector.weights))
+    log.info("exported %s: %d parameters, frozen graph %.1f MB, parity within %g on %d checks",
+             writer.uri(), params, frozen_bytes / 1e6, PARITY_ATOL, len(parity["checks"]))
+    return {"num_classes": len(labels), "image_size": image_size, "parameters": params,
+            "frozen_graph_bytes": frozen_bytes, "parity_checks": len(parity["checks"]),
+            "parity_max_score_diff": max(c["max_score_diff"] for c in parity["checks"].values()),
+            "parity_max_box_diff": max(c["max_box_diff"] for c in parity["checks"].values()),
+            "fixture_detections": parity["reference_detections"],
+            "training_uri": training.uri}
+
+
+def _load_detector(preset: Path):
+    from petdet_tasks.detector import _keras_hub, set_score_threshold
+
+    kh = _keras_hub()
+    try:
+        detector = kh.models.RetinaNetObjectDetector.from_preset(str(preset))
+    except Exception as e:
+        raise ExportError(f"cannot load the trained model from {preset}: {e}") from e
+    set_score_threshold(detector)
+    return detector
+
+
+# ---------------------------------------------------------------------------------------------
+# Using an exported model
+# ---------------------------------------------------------------------------------------------
+
+def load_exported(store: Store, model_uri: str, cache_dir=None):
+    """``(StepResult, local saved_model dir, LabelMap)`` of a committed export."""
+    from petdet_tasks.label_map import parse_label_map
+
+    result = load_output(store, model_uri, expect_step="export")
+    local = _cache_root(cache_dir) / "models" / result.fingerprint
+    fetch_tree(store, result, "saved_model/", local / "saved_model")
+    prefix = step_prefix("export", result.fingerprint)
+    labels = parse_label_map(store.read_text(prefix + "label_map.pbtxt"),
+                             source=store.uri(prefix + "label_map.pbtxt"))
+    return result, local / "saved_model", labels

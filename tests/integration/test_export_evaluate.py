@@ -1,0 +1,297 @@
+"""Export, evaluation and promotion on a briefly trained tiny RetinaNet.
+
+The exported artefacts are checked from the outside, the way their users load them: the
+SavedModel's signatures with ``tf.saved_model.load`` and the frozen graph through a
+``tf.compat.v1.Session`` as the 2019 tutorial's ``object_detection_run.py`` does."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from petdet_tasks import export as export_mod
+from petdet_tasks.evaluate import EvalConfig, evaluate, promote_evaluated, read_metrics
+from petdet_tasks.export import (
+    FROZEN_GRAPH,
+    OUTPUT_KEYS,
+    SIGNATURE_ENCODED,
+    SIGNATURE_IMAGES,
+    ExportConfig,
+    ExportError,
+    call_signature,
+    compare_detections,
+    export,
+    load_exported,
+)
+from petdet_tasks.layout import PRODUCTION_POINTER, step_prefix
+from petdet_tasks.manifest import read_manifest
+from petdet_tasks.registry import read_production
+from petdet_tasks.store import LocalStore
+from tests.support.pipeline import build_trained
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    work = tmp_path_factory.mktemp("export")
+    return build_trained(LocalStore(work / "store"), work)
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    result = export(trained.store, trained.training.uri, cache_dir=trained.work / "cache")
+    _, saved_model_dir, labels = load_exported(trained.store, result.uri,
+                                               trained.work / "cache")
+    import tensorflow as tf
+
+    return result, tf.saved_model.load(str(saved_model_dir)), labels
+
+
+def _images(shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def _check_contract(out: dict, n: int, label_ids: list[int]) -> None:
+    assert sorted(out) == sorted(OUTPUT_KEYS)
+    assert out["num_detections"].shape == (n,)
+    assert out["detection_boxes"].shape == (n, 100, 4)
+    assert out["detection_scores"].shape == (n, 100)
+    assert out["detection_classes"].shape == (n, 100)
+    for k in OUTPUT_KEYS:
+        assert out[k].dtype == np.float32, k
+    for i in range(n):
+        k = int(out["num_detections"][i])
+        assert 0 <= k <= 100 and out["num_detections"][i] == k
+        boxes, scores, classes = (out["detection_boxes"][i], out["detection_scores"][i],
+                                  out["detection_classes"][i])
+        assert np.all((boxes >= 0) & (boxes <= 1))
+        assert np.all(boxes[:k, 2] >= boxes[:k, 0]) and np.all(boxes[:k, 3] >= boxes[:k, 1])
+        assert np.all(np.diff(scores[:k]) <= 1e-7), "sorted by score"
+        assert np.all(scores[:k] >= 0.05)
+        assert set(classes[:k].astype(int)) <= set(label_ids)
+        assert np.all(classes[:k] == np.round(classes[:k]))
+        # padding rows are zero
+        assert not boxes[k:].any() and not scores[k:].any() and not classes[k:].any()
+
+
+def test_export_writes_the_artefacts_and_is_cached(trained, exported):
+    result, _, labels = exported
+    files = result.manifest["files"]
+    for rel in (FROZEN_GRAPH, "label_map.pbtxt", "pipeline.json", "parity.json",
+                "saved_model/saved_model.pb"):
+        assert rel in files, rel
+    assert any(k.startswith("saved_model/variables/") for k in files)
+    out = result.outputs
+    assert out["num_classes"] == 6 and out["image_size"] == 96
+    assert out["parity_checks"] == 5
+    assert out["parity_max_score_diff"] <= export_mod.PARITY_ATOL
+    assert out["fixture_detections"] > 0, "the parity check compared real detections"
+    prefix = step_prefix("export", result.fingerprint)
+    pipeline = json.loads(trained.store.read_text(prefix + "pipeline.json"))
+    assert pipeline["training_uri"] == trained.training.uri
+    assert pipeline["tfrecords_uri"] == trained.records.uri
+    assert pipeline["train_config"]["image_size"] == 96
+    assert pipeline["label_ids"] == list(labels.ids)
+    parity = json.loads(trained.store.read_text(prefix + "parity.json"))
+    assert parity["fixture"].startswith("val-"), "the fixture is a real val image"
+    assert (trained.store.read_text(prefix + "label_map.pbtxt")
+            == trained.store.read_text(step_prefix("train", trained.training.fingerprint)
+                                       + "label_map.pbtxt"))
+    again = export(trained.store, trained.training.uri, cache_dir=trained.work / "cache")
+    assert again.cache_hit and again.uri == result.uri
+    other = export(trained.store, trained.training.uri, ExportConfig(score_threshold=0.1),
+                   cache_dir=trained.work / "cache")
+    assert other.fingerprint != result.fingerprint
+
+
+@pytest.mark.parametrize("shape", [(1, 97, 211, 3), (3, 300, 200, 3), (2, 64, 64, 3),
+                                   (1, 1, 1, 3)])
+def test_serving_default_contract_on_odd_sizes_and_batches(exported, shape):
+    _, model, labels = exported
+    out = call_signature(model, SIGNATURE_IMAGES, _images(shape))
+    _check_contract(out, shape[0], labels.ids)
+
+
+def test_each_image_of_a_batch_is_detected_as_if_alone(exported):
+    _, model, _ = exported
+    batch = _images((3, 150, 250, 3), seed=3)
+    together = call_signature(model, SIGNATURE_IMAGES, batch)
+    for i in range(3):
+        alone = call_signature(model, SIGNATURE_IMAGES, batch[i:i + 1])
+        compare_detections(alone, {k: v[i:i + 1] for k, v in together.items()},
+                           atol=1e-4, score_threshold=0.05)
+
+
+def test_encoded_signature_takes_jpeg_and_png_of_different_sizes(exported):
+    _, model, labels = exported
+    a, b = _images((1, 120, 90, 3), seed=1)[0], _images((1, 77, 300, 3), seed=2)[0]
+    png, jpeg = io.BytesIO(), io.BytesIO()
+    Image.fromarray(a).save(png, format="PNG")
+    Image.fromarray(b).save(jpeg, format="JPEG", quality=95)
+    out = call_signature(model, SIGNATURE_ENCODED, [png.getvalue(), jpeg.getvalue()])
+    _check_contract(out, 2, labels.ids)
+    # PNG is lossless: the same pixels give the same detections as the uint8 signature
+    direct = call_signature(model, SIGNATURE_IMAGES, a[None])
+    compare_detections(direct, {k: v[:1] for k, v in out.items()}, score_threshold=0.05)
+
+
+def test_frozen_graph_runs_in_a_tf1_session_like_the_tutorial(trained, exported):
+    import tensorflow as tf
+
+    result, model, labels = exported
+    path = trained.work / "frozen.pb"
+    trained.store.download_file(step_prefix("export", result.fingerprint) + FROZEN_GRAPH, path)
+    # object_detection_run.py, 2019:
+    detection_graph = tf.Graph()
+    with detection_graph.as_default():
+        od_graph_def = tf.compat.v1.GraphDef()
+        with tf.io.gfile.GFile(str(path), "rb") as fid:
+            od_graph_def.ParseFromString(fid.read())
+            tf.import_graph_def(od_graph_def, name="")
+    images = _images((2, 133, 171, 3), seed=4)
+    with detection_graph.as_default(), tf.compat.v1.Session(graph=detection_graph) as sess:
+        image_tensor = detection_graph.get_tensor_by_name("image_tensor:0")
+        tensors = [detection_graph.get_tensor_by_name(f"{k}:0") for k in
+                   ("detection_boxes", "detection_scores", "detection_classes",
+                    "num_detections")]
+        boxes, scores, classes, num = sess.run(tensors, feed_dict={image_tensor: images})
+    frozen = {"detection_boxes": boxes, "detection_scores": scores,
+              "detection_classes": classes, "num_detections": num}
+    _check_contract(frozen, 2, labels.ids)
+    saved = call_signature(model, SIGNATURE_IMAGES, images)
+    report = compare_detections(saved, frozen, score_threshold=0.05)
+    assert report["compared"] >= 0.9 * num.sum()  # all but ties at the top-100 cut
+    ops = {n.op for n in od_graph_def.node}
+    assert "CombinedNonMaxSuppression" in ops
+    assert not ops & {"VarHandleOp", "ReadVariableOp", "VariableV2"}, "frozen: no variables"
+
+
+def test_serving_letterbox_is_the_training_eval_transform(exported):
+    """The served model sees exactly the pixels the training's eval input gave it."""
+    import tensorflow as tf
+
+    from petdet_tasks.train_input import InputConfig, transform_example
+
+    _, model, _ = exported
+    fns = export_mod.ServingFunctions.__new__(export_mod.ServingFunctions)
+    fns.tf, fns.size, fns.keep_aspect_ratio = tf, 96, True
+    image = _images((1, 75, 130, 3), seed=5)
+    x, denom = fns._letterbox(tf.constant(image), 75.0, 130.0)
+    ref, _, _ = transform_example(tf.constant(image[0]), tf.zeros([0, 4]),
+                                  tf.zeros([0], tf.int32), InputConfig(image_size=96))
+    np.testing.assert_allclose(x.numpy()[0], ref.numpy(), atol=1e-3)
+    # the normaliser: the letterboxed image's extent in model-input pixels
+    np.testing.assert_allclose(denom.numpy()[0], [75 * 96 / 130, 96.0], rtol=1e-6)
+
+
+def test_export_of_a_model_with_broken_weights_commits_nothing(trained, monkeypatch):
+    real = export_mod._load_detector
+
+    def nan_weights(preset):
+        detector = real(preset)
+        weights = detector.classification_head.get_weights()
+        weights[0][...] = np.nan
+        detector.classification_head.set_weights(weights)
+        return detector
+
+    monkeypatch.setattr(export_mod, "_load_detector", nan_weights)
+    cfg = ExportConfig(iou_threshold=0.45)  # its own fingerprint
+    with pytest.raises(ExportError, match="not finite"):
+        export(trained.store, trained.training.uri, cfg, cache_dir=trained.work / "cache")
+    _assert_nothing_committed(trained, cfg)
+
+
+def test_an_export_that_disagrees_with_the_model_commits_nothing(trained, monkeypatch):
+    def drifting(self, image_tensor):  # a frozen graph whose scores drift from the model's
+        out = self.from_images(image_tensor)
+        out["detection_scores"] = out["detection_scores"] * 0.99
+        return {k: self.tf.identity(out[k], name=k) for k in OUTPUT_KEYS}
+
+    monkeypatch.setattr(export_mod.ServingFunctions, "frozen_fn", drifting)
+    cfg = ExportConfig(iou_threshold=0.4)
+    with pytest.raises(ExportError, match="frozen_inference_graph.pb .* disagrees"):
+        export(trained.store, trained.training.uri, cfg, cache_dir=trained.work / "cache")
+    _assert_nothing_committed(trained, cfg)
+
+
+def _assert_nothing_committed(trained, cfg):
+    from petdet_tasks.layout import fingerprint
+
+    fp = fingerprint("export", export_mod.SCHEMA_VERSION,
+                     {"training": trained.training.fingerprint}, cfg.to_dict())
+    assert read_manifest(trained.store, step_prefix("export", fp)) is None
+
+
+def test_compare_detections_is_order_insensitive_and_catches_differences():
+    ref = {"num_detections": np.array([2], np.float32),
+           "detection_boxes": np.zeros((1, 100, 4), np.float32),
+           "detection_scores": np.zeros((1, 100), np.float32),
+           "detection_classes": np.zeros((1, 100), np.float32)}
+    ref["detection_boxes"][0, :2] = [[0.1, 0.1, 0.5, 0.5], [0.2, 0.2, 0.6, 0.6]]
+    ref["detection_scores"][0, :2] = [0.8, 0.8]
+    ref["detection_classes"][0, :2] = [1, 2]
+    swapped = {k: v.copy() for k, v in ref.items()}
+    for k in ("detection_boxes", "detection_scores", "detection_classes"):
+        swapped[k][0, :2] = swapped[k][0, :2][::-1]
+    assert compare_detections(ref, swapped)["compared"] == 2
+    moved = {k: v.copy() for k, v in ref.items()}
+    moved["detection_boxes"][0, 1, 0] += 0.01
+    with pytest.raises(ExportError, match="missing detection class 2"):
+        compare_detections(ref, moved)
+    wrong_dtype = {**ref, "detection_scores": ref["detection_scores"].astype(np.float64)}
+    with pytest.raises(ExportError, match="float32"):
+        compare_detections(ref, wrong_dtype)
+
+
+def test_evaluation_measures_the_served_model_and_is_cached(trained, exported):
+    result, _, labels = exported
+    store = trained.store
+    ev = evaluate(store, result.uri, trained.records.uri, cache_dir=trained.work / "cache")
+    out = ev.outputs
+    val = json.loads(store.read_text(step_prefix("tfrecords", trained.records.fingerprint)
+                                     + "data_report.json"))
+    assert out["images"] == val["splits"]["val"]["examples"]
+    _, metrics = read_metrics(store, ev.uri)
+    for k in ("mAP", "mAP@.5", "mAP@.75", "recall@100"):
+        assert 0.0 <= metrics[k] <= 1.0, k
+        assert out[k] == metrics[k]
+    assert sorted(metrics["per_class"]) == sorted(labels.names)
+    assert [metrics["per_class"][n]["id"] for n in labels.names] == list(labels.ids)
+    assert metrics["model_uri"] == result.uri and metrics["split"] == "val"
+    lines = store.read_text(step_prefix("evaluate", ev.fingerprint)
+                            + "detections.jsonl").splitlines()
+    assert len(lines) == out["images"]
+    first = json.loads(lines[0])
+    assert set(first) == {"image", "width", "height", "groundtruth", "detections"}
+    again = evaluate(store, result.uri, trained.records.uri, cache_dir=trained.work / "cache")
+    assert again.cache_hit and again.uri == ev.uri
+    on_train = evaluate(store, result.uri, trained.records.uri, EvalConfig(split="train"),
+                        cache_dir=trained.work / "cache")
+    assert on_train.fingerprint != ev.fingerprint
+    assert on_train.outputs["images"] == val["splits"]["train"]["examples"]
+
+
+def test_promotion_after_evaluation_records_the_decision(trained, exported):
+    result, _, _ = exported
+    store = trained.store
+    ev = evaluate(store, result.uri, trained.records.uri, cache_dir=trained.work / "cache")
+    first = promote_evaluated(store, ev.uri, metric="mAP@.5", run_id="manual__1")
+    pointer, _ = read_production(store)
+    assert first["promoted"] and pointer["model_uri"] == result.uri
+    assert pointer["evaluation_uri"] == ev.uri and pointer["metric"] == "mAP@.5"
+    decision_key = first["decision_uri"][len(store.root) + 1:]
+    assert decision_key.startswith(step_prefix("evaluate", ev.fingerprint) + "promotions/")
+    record = json.loads(store.read_text(decision_key))
+    assert record["promoted"] and record["run_id"] == "manual__1"
+    # a retry of the same promotion: still production, nothing rewritten
+    _, etag = store.get_bytes(PRODUCTION_POINTER)
+    second = promote_evaluated(store, ev.uri, metric="mAP@.5", run_id="manual__1")
+    assert second["promoted"] and "already in production" in second["reason"]
+    assert store.get_bytes(PRODUCTION_POINTER)[1] == etag
+    # the committed evaluation is untouched: its manifest still verifies
+    assert read_manifest(store, step_prefix("evaluate", ev.fingerprint)) == ev.manifest
