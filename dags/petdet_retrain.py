@@ -12,6 +12,18 @@ them safely and stores the dataset under `datasets/<fingerprint>/` in **store_ro
    classes without training data) and commits `tfrecords/<fingerprint>/`.
 3. `train` fine-tunes a keras-hub RetinaNet from **preset** (GPU pool/queue; a retry resumes
    from the newest checkpoint in `training/<fingerprint>/`).
+4. `export` writes `models/<fingerprint>/`: a SavedModel (uint8 images and encoded JPEG/PNG
+   signatures, the OD API outputs) and a TF1 `frozen_inference_graph.pb`, each checked against
+   the Keras model before commit.
+5. `evaluate` measures the served model on the val split with COCO metrics
+   (`evaluations/<fingerprint>/metrics.json`).
+6. `promote` makes it production (`registry/production.json`, compare-and-swap) when its
+   **promotion_metric** beats production by **promotion_margin**; with
+   **skip_detection_if_not_promoted** a model that is not better ends the run there.
+7. `detect_plan` lists **detect_images** (default: the dataset's test split) into shards,
+   `detect_shards` (mapped) runs the model (**detect_with**: the production model or this
+   run's) and writes per-image JSON and annotated JPEGs, `detect_gather` writes
+   `detections.jsonl`, `detections.csv`, `summary.json` and the `index.html` gallery.
 
 Every step is idempotent: its output prefix is a fingerprint of its inputs and config, and
 `_MANIFEST.json` is written last. A run whose inputs did not change is a chain of cache hits;
@@ -28,7 +40,13 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param
 from petdet_airflow.operators import (
+    DetectGatherOperator,
+    DetectPlanOperator,
+    DetectShardsOperator,
     DownloadPetsOperator,
+    EvaluateModelOperator,
+    ExportModelOperator,
+    PromoteModelOperator,
     TFRecordsGatherOperator,
     TFRecordsPlanOperator,
     TFRecordsShardsOperator,
@@ -122,6 +140,32 @@ with DAG(
         "train_config_file": Param("", type="string", title="Training config file",
                                    description="Optional JSON/YAML or OD API pipeline.config "
                                    "on the workers; the fields above override it."),
+        "promotion_metric": Param("mAP", type="string",
+                                  enum=["mAP", "mAP@.5", "mAP@.75", "recall@100"],
+                                  title="Promotion metric",
+                                  description="COCO metric on the val split that decides "
+                                  "whether the new model replaces production."),
+        "promotion_margin": Param(0.0, type="number", minimum=0, title="Promotion margin",
+                                  description="Required improvement over production (the "
+                                  "first model is always promoted)."),
+        "skip_detection_if_not_promoted": Param(
+            False, type="boolean", title="Skip detection if not promoted",
+            description="End the run after promote when the new model is not better."),
+        "detect_with": Param("production", type="string", enum=["production", "candidate"],
+                             title="Detect with",
+                             description="production: the registry's model (this run's if "
+                             "it was promoted); candidate: this run's model regardless."),
+        "detect_images": Param("", type="string", title="Images to detect on",
+                               description="Store prefix or worker-local folder of JPEG/PNG "
+                               "images; empty: the dataset's test split."),
+        "detection_score_threshold": Param(0.5, type="number", minimum=0, maximum=1,
+                                           title="Detection score threshold"),
+        "detection_max_boxes": Param(20, type="integer", minimum=1, maximum=100,
+                                     title="Boxes per image (max)"),
+        "detect_shards": Param(4, type="integer", minimum=1, maximum=1000,
+                               title="Detection shards"),
+        "detect_tasks": Param(2, type="integer", minimum=1, maximum=256,
+                              title="Parallel detection tasks"),
         "force": Param(
             False,
             type="boolean",
@@ -198,4 +242,60 @@ with DAG(
         **store_args,
     )
 
-    download >> plan >> shards >> gather >> train
+    export = ExportModelOperator(
+        task_id="export",
+        training_uri="{{ ti.xcom_pull(task_ids='train')['uri'] }}",
+        force="{{ params.force }}",
+        execution_timeout=timedelta(hours=1),
+        **store_args,
+    )
+    evaluate = EvaluateModelOperator(
+        task_id="evaluate",
+        model_uri="{{ ti.xcom_pull(task_ids='export')['uri'] }}",
+        tfrecords_uri="{{ ti.xcom_pull(task_ids='tfrecords_gather')['uri'] }}",
+        force="{{ params.force }}",
+        execution_timeout=timedelta(hours=2),
+        **store_args,
+    )
+    promote = PromoteModelOperator(
+        task_id="promote",
+        evaluation_uri="{{ ti.xcom_pull(task_ids='evaluate')['uri'] }}",
+        metric="{{ params.promotion_metric }}",
+        margin="{{ params.promotion_margin }}",
+        skip_downstream_if_not_promoted="{{ params.skip_detection_if_not_promoted }}",
+        execution_timeout=timedelta(minutes=5),
+        **store_args,
+    )
+
+    detect_args = {
+        # empty = the registry's production model (read when the plan runs)
+        "model_uri": "{{ ti.xcom_pull(task_ids='export')['uri'] "
+                     "if params.detect_with == 'candidate' else '' }}",
+        "images": "{{ params.detect_images }}",
+        "config": {
+            "score_threshold": "{{ params.detection_score_threshold }}",
+            "max_boxes": "{{ params.detection_max_boxes }}",
+            "num_shards": "{{ params.detect_shards }}",
+        },
+        **store_args,
+    }
+    detect_plan = DetectPlanOperator(
+        task_id="detect_plan",
+        shard_tasks="{{ params.detect_tasks }}",
+        execution_timeout=timedelta(minutes=10),
+        **detect_args,
+    )
+    detect_shards = DetectShardsOperator.partial(
+        task_id="detect_shards",
+        execution_timeout=timedelta(hours=2),
+        **detect_args,
+    ).expand(units=detect_plan.output)
+    detect_gather = DetectGatherOperator(
+        task_id="detect_gather",
+        execution_timeout=timedelta(minutes=30),
+        doc_md="Merge the shards; the gallery is `index.html` in the output prefix.",
+        **detect_args,
+    )
+
+    download >> plan >> shards >> gather >> train >> export >> evaluate >> promote
+    promote >> detect_plan >> detect_shards >> detect_gather

@@ -32,8 +32,11 @@ val image of the records the model was trained on, and synthetic images of odd s
 batch of two — every signature of the *reloaded* SavedModel and the frozen graph (through a
 ``tf.compat.v1.Session``) must agree with the same computation run eagerly on the Keras
 model: same detections (matched order-insensitively, since near-tied scores can swap rows),
-scores and box coordinates within :data:`PARITY_ATOL`. The eager path's best detection is
-also checked against keras-hub's own decoder, and the model's raw outputs must be finite.
+scores and box coordinates within :data:`PARITY_ATOL`; the 10 best detections of every image
+exactly so, and beyond them at most 5% (at least 2) "NMS flips", boxes that overlap another at
+the IoU threshold and survive in one runtime only (:func:`compare_detections`). The eager
+path's best detection is also checked against keras-hub's own decoder, and the model's raw
+outputs must be finite.
 """
 
 from __future__ import annotations
@@ -67,6 +70,9 @@ FROZEN_OUTPUTS = ("detection_boxes:0", "detection_scores:0", "detection_classes:
 # the stated tolerance: |score| and |normalised box coordinate| differences between the
 # exported runtimes and the eager Keras model (float32 throughout; seen: ~1e-6)
 PARITY_ATOL = 1e-4
+# NMS near its IoU threshold may keep a different box in another runtime (compare_detections)
+TOP_EXACT = 10
+NMS_FLIP_FRACTION = 0.05
 
 
 class ExportError(RuntimeError):
@@ -292,12 +298,20 @@ def call_signature(model, name: str, batch) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 
 def compare_detections(ref: dict, got: dict, *, atol: float = PARITY_ATOL,
-                       score_threshold: float = 0.0) -> dict:
-    """Check that ``got`` holds the same detections as ``ref`` (order-insensitively: rows with
-    near-tied scores may come out swapped). A detection whose score is within ``atol`` of the
-    score threshold, or of the lowest kept score when every row is used, may be present in one
-    and not the other. Returns the largest differences;
-    raises :class:`ExportError` describing the first disagreement."""
+                       score_threshold: float = 0.0, top_exact: int = TOP_EXACT,
+                       nms_flips: float = NMS_FLIP_FRACTION) -> dict:
+    """Check that ``got`` holds the same detections as ``ref``: the same class, score and box
+    within ``atol``, matched order-insensitively (near-tied scores can swap rows).
+
+    Non-maximum suppression is discontinuous: where two boxes overlap at almost exactly the
+    IoU threshold, a difference in the last float bits between two runtimes decides whether
+    the second box survives (and what it then suppresses). So, per image and direction, the
+    ``top_exact`` best detections must all match, and beyond them at most ``max(2,
+    nms_flips * n)`` may lack a counterpart. Detections within ``atol`` of the score threshold,
+    or of the lowest kept score when every row is used (the top-k cut), may fall on either
+    side. An export bug (preprocessing, scaling, class ids, weights) breaks far more than that.
+    Returns the largest differences and the flip count; raises :class:`ExportError`
+    describing the first disagreement past those allowances."""
     for k in OUTPUT_KEYS:
         if k not in got:
             raise ExportError(f"output {k!r} missing (got {sorted(got)})")
@@ -308,21 +322,20 @@ def compare_detections(ref: dict, got: dict, *, atol: float = PARITY_ATOL,
         if not np.all(np.isfinite(got[k])):
             raise ExportError(f"{k} has non-finite values")
     max_score = max_box = 0.0
-    compared = 0
+    compared = flips = 0
     rows = ref["detection_scores"].shape[1]
     for i in range(ref["num_detections"].shape[0]):
         a = _rows(ref, i)
         b = _rows(got, i)
-        # a detection near the score threshold, or near the last kept score when all rows are
-        # used (the top-k cut), may fall on either side of it
         cut = score_threshold
         for rows_i in (a, b):
             if len(rows_i) == rows:
                 cut = max(cut, min(s for _, s, _ in rows_i))
         for mine, theirs, label in ((a, b, "missing"), (b, a, "unexpected")):
-            for cls, score, box in mine:
-                if score < cut + atol:
-                    continue
+            checked = [(rank, row) for rank, row in enumerate(mine) if row[1] >= cut + atol]
+            allowed = max(2, int(nms_flips * len(checked)))
+            unmatched = []
+            for rank, (cls, score, box) in checked:
                 best = None
                 for c2, s2, b2 in theirs:
                     if c2 == cls and abs(s2 - score) <= atol:
@@ -330,12 +343,21 @@ def compare_detections(ref: dict, got: dict, *, atol: float = PARITY_ATOL,
                         if d <= atol and (best is None or d < best[1]):
                             best = (abs(s2 - score), d)
                 if best is None:
-                    raise ExportError(
-                        f"image {i}: {label} detection class {cls:g} score {score:.6f} box "
-                        f"{np.round(box, 6).tolist()} (no counterpart within {atol:g})")
+                    what = (f"image {i}: {label} detection #{rank + 1} class {cls:g} score "
+                            f"{score:.6f} box {np.round(box, 6).tolist()} (no counterpart "
+                            f"within {atol:g})")
+                    if rank < top_exact:
+                        raise ExportError(what)
+                    unmatched.append(what)
+                    if len(unmatched) > allowed:
+                        raise ExportError(f"{what}; {len(unmatched)} such detections, more "
+                                          f"than the {allowed} NMS flips allowed")
+                    continue
                 max_score, max_box = max(max_score, best[0]), max(max_box, best[1])
                 compared += 1
-    return {"compared": compared // 2, "max_score_diff": max_score, "max_box_diff": max_box}
+            flips += len(unmatched)
+    return {"compared": compared // 2, "nms_flips": flips, "max_score_diff": max_score,
+            "max_box_diff": max_box}
 
 
 def _rows(out: dict, i: int) -> list[tuple[float, float, np.ndarray]]:

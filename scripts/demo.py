@@ -126,6 +126,9 @@ def _run_dag(conf: dict) -> int:
         if not isinstance(out, dict):  # the plan returns shard groups for the mapped task
             print(f"  {task_id:<17} {len(out)} shard groups")
             continue
+        if "uri" not in out:  # promote: a decision, not an output prefix
+            print(f"  {task_id:<17} {out.get('reason', json.dumps(out, sort_keys=True))}")
+            continue
         verb = "cache hit " if out.get("cache_hit") else "wrote     "
         mapped = f" ({len(outs)} mapped tasks)" if len(outs) > 1 else ""
         extra = {k: v for k, v in out.items()
@@ -133,7 +136,29 @@ def _run_dag(conf: dict) -> int:
         print(f"  {task_id:<17} {verb}{out['uri']}{mapped}")
         if extra and not mapped:
             print(f"  {'':<17} {json.dumps(extra, sort_keys=True)}")
+    gallery = (results.get("detect_gather") or [{}])[0].get("uri")
+    if gallery:
+        print(f"\n[demo] gallery: {_local_gallery(gallery, conf)}")
     return 0 if run.state == "success" else 1
+
+
+def _local_gallery(uri: str, conf: dict) -> str:
+    """The gallery's path on this machine (an S3 output is copied next to the work dir)."""
+    if not uri.startswith("s3://"):
+        return str(Path(uri) / "index.html")
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    from petdet_tasks.store import open_store
+
+    store = open_store(conf["store_root"],
+                       s3_client=S3Hook(aws_conn_id=conf["aws_conn_id"]).get_conn())
+    prefix = uri[len(store.root.rstrip("/")) + 1:].rstrip("/") + "/"
+    dest = Path(os.environ["PETDET_CACHE_DIR"]).parent / "gallery" / prefix.split("/")[-2]
+    for obj in store.list(prefix):
+        rel = obj.key[len(prefix):]
+        if rel.endswith((".html", ".jpg", ".json")) and not rel.startswith("_"):
+            store.download_file(obj.key, dest / rel)
+    return f"{dest / 'index.html'} (copied from {uri}/index.html)"
 
 
 if __name__ == "__main__":

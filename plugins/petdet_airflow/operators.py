@@ -215,3 +215,209 @@ def _drop_empty(values: dict) -> dict:
         elif v is not None and not (isinstance(v, str) and v.strip() in ("", "None")):
             out[k] = v
     return out
+
+
+class ExportModelOperator(PetdetOperator):
+    """Export a training output as a SavedModel (``serving_default`` on uint8 images,
+    ``encoded_image_string_tensor`` on JPEG/PNG bytes) and a TF1 ``frozen_inference_graph.pb``;
+    every artefact is checked against the Keras model before the manifest is written.
+
+    :param training_uri: the train step's output URI. (templated)
+    :param config: :class:`petdet_tasks.export.ExportConfig` fields (``score_threshold``,
+        ``iou_threshold``, ``max_detections``); empty values are ignored. (templated)
+    :param force: export again even if the output is complete. (templated)
+    """
+
+    template_fields = (*PetdetOperator.template_fields, "training_uri", "config", "force")
+    template_fields_renderers = {"config": "json"}
+
+    def __init__(self, *, training_uri: str, config: dict | None = None,
+                 force: bool | str = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.training_uri = training_uri
+        self.config = config or {}
+        self.force = force
+
+    def execute(self, context) -> dict:
+        from petdet_tasks.export import ExportConfig, export
+
+        cfg = ExportConfig.from_dict(_drop_empty(dict(self.config)))
+        result = export(self.get_store(), str(self.training_uri), cfg,
+                        run_id=context.get("run_id"), force=_as_bool(self.force))
+        self.log.info("%s %s", "cache hit:" if result.cache_hit else "exported", result.uri)
+        return result.to_xcom()
+
+
+class EvaluateModelOperator(PetdetOperator):
+    """COCO metrics (mAP@[.5:.95], mAP@.5, mAP@.75, per-class AP, recall@100) of an exported
+    model on a split of the records, measured through its serving signature.
+
+    :param model_uri: the export step's output URI. (templated)
+    :param tfrecords_uri: the tfrecords step's output URI. (templated)
+    :param split: the split evaluated (default ``val``). (templated)
+    :param force: evaluate again even if the output is complete. (templated)
+    """
+
+    template_fields = (*PetdetOperator.template_fields, "model_uri", "tfrecords_uri", "split",
+                       "force")
+
+    def __init__(self, *, model_uri: str, tfrecords_uri: str, split: str = "val",
+                 force: bool | str = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model_uri = model_uri
+        self.tfrecords_uri = tfrecords_uri
+        self.split = split
+        self.force = force
+
+    def execute(self, context) -> dict:
+        from petdet_tasks.evaluate import EvalConfig, evaluate
+
+        result = evaluate(self.get_store(), str(self.model_uri), str(self.tfrecords_uri),
+                          EvalConfig(split=str(self.split)), run_id=context.get("run_id"),
+                          force=_as_bool(self.force))
+        return result.to_xcom()
+
+
+class PromoteModelOperator(PetdetOperator):
+    """Make the evaluated model production (``registry/production.json``) when its ``metric``
+    beats production's by at least ``margin`` (the first model always). The pointer is
+    replaced by compare-and-swap: two runs promoting at once end with one winner. The decision
+    with both numbers is logged, returned (XCom) and recorded beside the evaluation.
+
+    :param evaluation_uri: the evaluate step's output URI. (templated)
+    :param metric: metric compared (``mAP``, ``mAP@.5``, ``mAP@.75``, ``recall@100``, ...).
+        (templated)
+    :param margin: required improvement over production. (templated)
+    :param skip_downstream_if_not_promoted: when the model is not promoted, mark this task
+        skipped so the tasks after it (detection) are skipped too; the decision is still
+        pushed to XCom (key ``decision``) and recorded. (templated)
+    """
+
+    template_fields = (*PetdetOperator.template_fields, "evaluation_uri", "metric", "margin",
+                       "skip_downstream_if_not_promoted")
+    ui_color = "#fff4d6"
+
+    def __init__(self, *, evaluation_uri: str, metric: str = "mAP", margin: float | str = 0.0,
+                 skip_downstream_if_not_promoted: bool | str = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.evaluation_uri = evaluation_uri
+        self.metric = metric
+        self.margin = margin
+        self.skip_downstream_if_not_promoted = skip_downstream_if_not_promoted
+
+    def execute(self, context) -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from petdet_tasks.evaluate import promote_evaluated
+
+        decision = promote_evaluated(self.get_store(), str(self.evaluation_uri),
+                                     metric=str(self.metric), margin=float(self.margin),
+                                     run_id=context.get("run_id"))
+        self.log.info("%s", decision["reason"])
+        context["ti"].xcom_push(key="decision", value=decision)
+        if not decision["promoted"] and _as_bool(self.skip_downstream_if_not_promoted):
+            raise AirflowSkipException(f"not promoted, downstream skipped as asked: "
+                                       f"{decision['reason']}")
+        return decision
+
+
+class _DetectOperator(PetdetOperator):
+    """Shared arguments of the three detection operators.
+
+    :param model_uri: an export output URI; empty: the production model of the registry.
+        (templated)
+    :param images: store prefix/URI or worker-local folder of images; empty: the test split
+        of the dataset the model was trained on. (templated)
+    :param config: :class:`petdet_tasks.detect.DetectConfig` fields (``score_threshold``,
+        ``max_boxes``, ``batch_size``, ``num_shards``, ``thumbnail_size``). (templated)
+    """
+
+    template_fields = (*PetdetOperator.template_fields, "model_uri", "images", "config")
+    template_fields_renderers = {"config": "json"}
+
+    def __init__(self, *, model_uri: str | None = None, images: str | None = None,
+                 config: dict | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model_uri = model_uri
+        self.images = images
+        self.config = config or {}
+
+    def _plan(self):
+        from petdet_tasks.detect import DetectConfig, plan
+
+        cfg = DetectConfig.from_dict(_drop_empty(dict(self.config)))
+        store = self.get_store()
+        model = _none_if_empty(self.model_uri)
+        return store, cfg, plan(store, model, _none_if_empty(self.images), cfg)
+
+
+def _none_if_empty(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and value.strip() in ("", "None")):
+        return None
+    return str(value)
+
+
+class DetectPlanOperator(_DetectOperator):
+    """List the input images, fix the fingerprint and split them into shards. Returns the
+    shard groups the mapped :class:`DetectShardsOperator` expands over; the plan's URI,
+    model and counts go to XCom key ``plan``.
+
+    :param shard_tasks: how many mapped detection tasks to spread the shards over.
+        (templated)
+    """
+
+    template_fields = (*_DetectOperator.template_fields, "shard_tasks")
+
+    def __init__(self, *, shard_tasks: int | str = 4, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.shard_tasks = shard_tasks
+
+    def execute(self, context) -> list:
+        _, _, p = self._plan()
+        groups = p.groups(int(self.shard_tasks))
+        context["ti"].xcom_push(key="plan", value={
+            "uri": p.uri, "fingerprint": p.fingerprint, "cache_hit": p.cache_hit,
+            "model_uri": p.model_uri, "images": len(p.items), "shards": len(p.units)})
+        self.log.info("%s: %d images in %d shards over %d tasks, model %s%s", p.uri,
+                      len(p.items), len(p.units), len(groups), p.model_uri,
+                      " (cache hit)" if p.cache_hit else "")
+        return groups
+
+
+class DetectShardsOperator(_DetectOperator):
+    """Detect on a group of shards (one mapped task per group); finished shards are skipped,
+    so a retry never duplicates output.
+
+    :param units: shard indices, one element of the plan's groups.
+    """
+
+    template_fields = (*_DetectOperator.template_fields, "units")
+
+    def __init__(self, *, units: list, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.units = units
+
+    def execute(self, context) -> dict:
+        from petdet_tasks.detect import run_shards
+
+        store, cfg, p = self._plan()
+        reports = run_shards(store, p, [int(u) for u in self.units], cfg)
+        return {"uri": p.uri, "fingerprint": p.fingerprint, "shards": [int(u) for u in
+                                                                      self.units],
+                "images": sum(len(r.get("records", [])) for r in reports),
+                "failed": sum(1 for r in reports for rec in r.get("records", [])
+                              if "error" in rec)}
+
+
+class DetectGatherOperator(_DetectOperator):
+    """Merge the shards: ``detections.jsonl``, ``detections.csv``, ``summary.json`` and the
+    ``index.html`` gallery, then commit the manifest."""
+
+    def execute(self, context) -> dict:
+        from petdet_tasks.detect import gather
+
+        store, cfg, p = self._plan()
+        result = gather(store, p, cfg, run_id=context.get("run_id"))
+        self.log.info("%s %s — gallery: %s", "cache hit:" if result.cache_hit else "committed",
+                      result.uri, result.uri + "/index.html")
+        return result.to_xcom()

@@ -80,8 +80,15 @@ def dag():
 
 
 def test_retrain_dag_structure(dag):
-    assert sorted(dag.task_ids) == ["download", "tfrecords_gather", "tfrecords_plan",
-                                    "tfrecords_shards", "train"]
+    assert sorted(dag.task_ids) == ["detect_gather", "detect_plan", "detect_shards",
+                                    "download", "evaluate", "export", "promote",
+                                    "tfrecords_gather", "tfrecords_plan", "tfrecords_shards",
+                                    "train"]
+    chain = ["train", "export", "evaluate", "promote", "detect_plan", "detect_shards",
+             "detect_gather"]
+    for up, down in zip(chain, chain[1:], strict=False):
+        assert dag.get_task(down).upstream_task_ids == {up}, down
+    assert dag.get_task("detect_shards").is_mapped
     train = dag.get_task("train")
     assert train.upstream_task_ids == {"tfrecords_gather"}
     assert (train.pool, train.queue) == ("gpu", "gpu")
@@ -108,7 +115,10 @@ def test_retrain_dag_params_draw_a_typed_form(dag):
     for name in ("source", "store_root", "aws_conn_id", "force", "shards", "shard_tasks",
                  "val_fraction", "image_check", "max_quarantine_fraction", "classes",
                  "extra_data", "preset", "num_steps", "batch_size", "image_size", "optimizer",
-                 "learning_rate", "checkpoint_every_n", "train_config_file"):
+                 "learning_rate", "checkpoint_every_n", "train_config_file",
+                 "promotion_metric", "promotion_margin", "skip_detection_if_not_promoted",
+                 "detect_with", "detect_images", "detection_score_threshold",
+                 "detection_max_boxes", "detect_shards", "detect_tasks"):
         assert params.get_param(name).schema.get("title"), f"param {name} has no title"
 
 
@@ -117,3 +127,12 @@ def test_download_task_is_templated(dag):
     for field in ("source", "store_root", "aws_conn_id", "force"):
         assert field in task.template_fields
     assert task.source == "{{ params.source }}"
+
+
+def test_detection_reads_the_production_model_unless_asked_for_the_candidate(dag):
+    task = dag.get_task("detect_plan")
+    assert "params.detect_with == 'candidate'" in task.model_uri
+    promote = dag.get_task("promote")
+    assert promote.skip_downstream_if_not_promoted == \
+        "{{ params.skip_detection_if_not_promoted }}"
+    assert dag.params.get_param("skip_detection_if_not_promoted").value is False

@@ -241,8 +241,22 @@ def test_compare_detections_is_order_insensitive_and_catches_differences():
     assert compare_detections(ref, swapped)["compared"] == 2
     moved = {k: v.copy() for k, v in ref.items()}
     moved["detection_boxes"][0, 1, 0] += 0.01
-    with pytest.raises(ExportError, match="missing detection class 2"):
+    with pytest.raises(ExportError, match="missing detection #2 class 2"):
         compare_detections(ref, moved)
+    # beyond the top 10, up to max(2, 5%) NMS flips are tolerated, not more
+    many = {k: v.copy() for k, v in ref.items()}
+    many["num_detections"][0] = 20
+    many["detection_scores"][0, :20] = np.linspace(0.9, 0.3, 20)
+    many["detection_classes"][0, :20] = 1
+    many["detection_boxes"][0, :20] = np.linspace(0.0, 0.5, 20)[:, None] + [0, 0, 0.4, 0.4]
+    for flipped, ok in ((1, True), (2, True), (3, False)):
+        other = {k: v.copy() for k, v in many.items()}
+        other["detection_boxes"][0, 20 - flipped:20] += 0.05
+        if ok:
+            assert compare_detections(many, other)["nms_flips"] == 2 * flipped
+        else:
+            with pytest.raises(ExportError, match="more than the 2 NMS flips allowed"):
+                compare_detections(many, other)
     wrong_dtype = {**ref, "detection_scores": ref["detection_scores"].astype(np.float64)}
     with pytest.raises(ExportError, match="float32"):
         compare_detections(ref, wrong_dtype)
@@ -295,3 +309,28 @@ def test_promotion_after_evaluation_records_the_decision(trained, exported):
     assert store.get_bytes(PRODUCTION_POINTER)[1] == etag
     # the committed evaluation is untouched: its manifest still verifies
     assert read_manifest(store, step_prefix("evaluate", ev.fingerprint)) == ev.manifest
+
+
+def test_cli_export_evaluate_promote(trained, exported):
+    import subprocess
+    import sys
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "petdet_tasks", *args, "--store",
+                              trained.store.root], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    model = cli("export", "--training", trained.training.uri, "--cache-dir",
+                str(trained.work / "cache"))
+    assert model["uri"] == exported[0].uri and model["cache_hit"] is True
+    ev = cli("evaluate", "--model", model["uri"], "--tfrecords", trained.records.uri,
+             "--cache-dir", str(trained.work / "cache"))
+    assert ev["step"] == "evaluate" and 0 <= ev["mAP"] <= 1
+    decision = cli("promote", "--evaluation", ev["uri"], "--metric", "mAP@.5",
+                   "--run-id", "cli-test")
+    assert decision["promoted"] is True and decision["model_uri"] == model["uri"]
+    bad = subprocess.run([sys.executable, "-m", "petdet_tasks", "promote", "--store",
+                          trained.store.root, "--evaluation", ev["uri"], "--metric", "nope"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "nope" in bad.stderr
