@@ -655,6 +655,8 @@ border:1px solid #0004}
 .card.failed{border-color:#d88;background:#fff5f5}
 .card .error{color:#a00;font-size:.9rem;word-break:break-word}
 .none{color:#888;font-size:.9rem}
+.pages{margin:1rem 0}
+.pages a,.pages strong{margin-right:.6rem}
 """
 
 
@@ -757,6 +759,7 @@ def gallery_html(
     summary: dict,
     image_href: Callable[[str], str],
     json_href: Callable[[str], str],
+    pages: Sequence[tuple[str, str | None]] = (),
 ) -> str:
     """One self-contained HTML5 page: inline CSS, no JavaScript, no external URLs.
 
@@ -771,15 +774,33 @@ def gallery_html(
     ``/``; ValueError otherwise) so that the page works both in the store and in a local copy;
     they are attribute-escaped here but not percent-encoded (do that in the callables if keys
     may contain ``#``, ``?`` or ``%``). Every string from the data is HTML-escaped.
+
+    ``pages`` (optional) links the pages of a gallery split over several files: ``(label,
+    href)`` pairs shown as a navigation bar above and below the cards, ``href`` None for the
+    current page (shown unlinked); hrefs must be relative like the others.
     """
     for rec in records:
         validate_record(rec)
     cards = "\n".join(_card_html(r, thumbnails, image_href, json_href) for r in records)
+    nav = _pages_html(pages)
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-        f"<h1>{_esc(title)}</h1>\n{_summary_html(summary)}\n"
-        f'<main class="grid">\n{cards}\n</main>\n</body>\n</html>\n'
+        f"<h1>{_esc(title)}</h1>\n{nav}{_summary_html(summary)}\n"
+        f'<main class="grid">\n{cards}\n</main>\n{nav}</body>\n</html>\n'
     )
+
+
+def _pages_html(pages: Sequence[tuple[str, str | None]]) -> str:
+    """The page navigation bar of a multi-page gallery ('' for a single page)."""
+    if not pages:
+        return ""
+    links = []
+    for label, href in pages:
+        if href is None:
+            links.append(f'<strong aria-current="page">{_esc(label)}</strong>')
+        else:
+            links.append(f'<a href="{_relative_href(href, "page href", label)}">{_esc(label)}</a>')
+    return f'<nav class="pages">Pages: {" ".join(links)}</nav>\n'

@@ -1,0 +1,1003 @@
+"""The detection step: an exported model run over images → per-image JSON, annotated JPEGs and a
+gallery (``object_detection_run.py`` done right).
+
+Three phases, so that Airflow can map the middle one over shard groups:
+
+* :func:`plan` — resolves the model (:func:`resolve_model`: the registry's production model
+  unless one is given), lists the input images (module doc, *Inputs*), computes the
+  fingerprint and splits the listing into ``num_shards`` shards (image ``i`` of the sorted
+  listing → shard ``i % num_shards``). No image is decoded; images in a local folder or a
+  local store are hashed (their content is part of the fingerprint).
+* :func:`run_shards` — for each shard, streaming: a ``tf.data`` pipeline reads the bytes (a
+  few requests ahead in threads on a remote store), decodes them in parallel
+  (``tf.io.decode_image``), and the SavedModel runs on batches: decoded images wait in one
+  bucket per size, a full bucket goes through the ``serving_default`` uint8 signature; when
+  too many wait (many distinct sizes) the oldest go together through
+  ``encoded_image_string_tensor`` on their raw bytes (the same decoder inside the graph, so the
+  same detections; it costs a second decode). While the next batch runs, a thread pool turns
+  each image's outputs into its record
+  (:func:`petdet_tasks.annotate.image_record`), draws the boxes, encodes the annotated JPEG and
+  the thumbnail and uploads them. When every image of a shard is written, its part report
+  ``_parts/shard-0000i.json`` follows (records, thumbnails, the files with size and sha256).
+  A shard whose part report is there with all its files is skipped, so a retried shard task
+  writes nothing twice. An image that cannot be read or decoded gets a failure record with the
+  reason and the shard goes on.
+* :func:`gather` — under the commit protocol: checks every shard's part report, merges them
+  into ``detections.jsonl``, ``detections.csv``, ``summary.json`` and the gallery, and commits
+  the manifest, which lists the files the shards wrote with their sha256.
+
+:func:`detect` runs all three in one process (the CLI): the shards go through one pipeline
+with one loaded model, back to back (the model already uses every core; parallel processes
+would only compete for them).
+
+Inputs (``images``):
+
+* None — the test split of the dataset the model was trained on: the model's
+  ``pipeline.json`` names its tfrecords output, whose manifest names the download output;
+  ``annotations/test.txt`` there lists the images (``images/<name>.jpg``).
+* a store URI or path under the store root, or a key prefix relative to the root — every
+  ``.jpg``/``.jpeg``/``.png`` (any case) under that prefix;
+* a local directory (absolute, ``./relative``, or relative when no store key has that
+  prefix) — every such file in it, recursively. Shard tasks read it from their own disk: on a
+  distributed Airflow, use a store prefix.
+
+Every listed image ends as a record or a failure record; never skipped silently.
+
+Output layout (``detections/<fingerprint>/``)::
+
+    images/<key>.json         the image's record (annotate schema 1), or its failure record
+    annotated/<key>.jpg       the image with boxes and "name score" labels (not for failures)
+    detections.jsonl          every record, sorted by key, one per line
+    detections.csv            one row per detection (annotate.records_to_csv)
+    summary.json              images, boxes per class, failures and their reasons, model, input
+    index.html                the gallery, self-contained (inline CSS, thumbnails as data URIs,
+                              relative links); gallery-002.html ... when there are more than
+                              500 images, every page linked from every other
+    _parts/shard-0000i.json   part reports: one shard's records, base64 thumbnails and files
+    _MANIFEST.json
+
+``<key>`` is the image's path relative to the listed prefix or folder (for the test split:
+its name) without the extension, every character outside ``A-Z a-z 0-9 . _ -`` (and the
+``/`` separators) replaced by ``_`` and leading dots dropped, so it is safe in object keys and
+URLs as it is; two files that map to the same key (``a.jpg`` and ``a.png``, or names equal
+but for case) get a ``-<hash>`` suffix after the first. A record's ``source`` is the image's
+key in the store (relative to the store root), or its path relative to a local folder.
+
+The fingerprint covers the model's fingerprint, a digest of the listing (each image's source,
+size and sha256 — or, on S3, its ETag) and the config fields that change the outputs
+(``score_threshold``, ``max_boxes``, ``num_shards``, ``thumbnail_size``; not
+``batch_size``). A shard that reads an image whose content no longer matches the listing
+stops with an error (the input changed since planning: plan again).
+
+TensorFlow is imported only inside :func:`run_shards` (the DAG file and the plan/gather tasks
+never load it).
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import quote
+
+from petdet_tasks import annotate
+from petdet_tasks.label_map import LabelMap, parse_label_map
+from petdet_tasks.layout import PRODUCTION_POINTER, fingerprint, split_output_uri, step_prefix
+from petdet_tasks.manifest import StepResult, StepWriter, load_output, read_manifest, run_step
+from petdet_tasks.registry import read_production
+from petdet_tasks.store import FileEntry, NotFound, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+STEP = "detect"
+SCHEMA_VERSION = 1
+PARTS = "_parts/"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+PAGE_SIZE = 500  # gallery cards per HTML page
+JPEG_QUALITY = 90  # annotated images
+THUMBNAIL_QUALITY = 80
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+#: Figures of the last :func:`run_shards` call that ran a shard in this process (images,
+#: seconds, model seconds, batches per signature, model load seconds): for logs and benchmarks.
+LAST_RUN: dict[str, Any] = {}
+_MODEL_CACHE: dict[str, Any] = {}  # one loaded SavedModel per process, by local path
+_MODEL_LOCK = threading.Lock()
+
+
+class NoProductionModel(LookupError):
+    """No model was given and the registry has no production model yet."""
+
+
+class InputChanged(StoreError):
+    """An input image changed (or vanished) between planning and reading it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """:param score_threshold: keep detections scoring at least this (0..1).
+    :param max_boxes: at most this many detections per image (highest scores first).
+    :param batch_size: images per model call (speed only: not part of the fingerprint).
+    :param num_shards: how many shards the listing is split into (the unit of retry and of
+        Airflow mapping).
+    :param thumbnail_size: the gallery thumbnails' longest side, in pixels.
+    """
+
+    score_threshold: float = 0.5
+    max_boxes: int = 20
+    batch_size: int = 8
+    num_shards: int = 4
+    thumbnail_size: int = 240
+
+    def validate(self) -> DetectConfig:
+        problems = []
+        st = self.score_threshold
+        if isinstance(st, bool) or not isinstance(st, int | float) or not 0.0 <= st <= 1.0:
+            problems.append(f"score_threshold must be a number in [0, 1], got {st!r}")
+        for name, lo, hi in (("max_boxes", 1, 1000), ("batch_size", 1, 1024),
+                             ("num_shards", 1, 10_000), ("thumbnail_size", 16, 4096)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                problems.append(f"{name} must be an integer in {lo}..{hi}, got {v!r}")
+        if problems:
+            raise ValueError("invalid detect config: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint_fields(self) -> dict:
+        """The fields that change the outputs (``batch_size`` does not)."""
+        return {"score_threshold": float(self.score_threshold), "max_boxes": self.max_boxes,
+                "num_shards": self.num_shards, "thumbnail_size": self.thumbnail_size}
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> DetectConfig:
+        """From loosely typed values (CLI, Airflow params rendered as text): coerced, validated;
+        unknown keys are an error, empty strings mean "not set"."""
+        values = dict(values or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown detect config keys {unknown}; expected some of "
+                             f"{sorted(fields)}")
+        out: dict[str, Any] = {}
+        for k, v in values.items():
+            if v is None or (isinstance(v, str) and v.strip() in ("", "None")):
+                continue
+            kind = type(getattr(cls, k))
+            if isinstance(v, bool):
+                raise ValueError(f"detect config {k}={v!r}: expected {kind.__name__}")
+            try:
+                if kind is int and isinstance(v, float) and not v.is_integer():
+                    raise ValueError
+                out[k] = kind(float(v)) if kind is int and isinstance(v, float) else kind(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"detect config {k}={v!r}: expected {kind.__name__}") from None
+        return cls(**out).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan
+# ---------------------------------------------------------------------------------------------
+
+class Item(NamedTuple):
+    """One listed image: its output key, where its bytes are, and what the listing saw."""
+
+    key: str  # output key (images/<key>.json, annotated/<key>.jpg)
+    ref: str  # store key (kind "store") or absolute local path (kind "local")
+    kind: str  # "store" or "local"
+    source: str  # the record's ``source``: store key, or path relative to the local folder
+    size: int  # bytes (-1: not readable at planning)
+    digest: str  # "sha256:<hex>", "etag:<etag>", "missing: <why>" or "unreadable: <why>"
+    shard: int
+
+    def to_json(self) -> dict:
+        return self._asdict()
+
+
+@dataclass
+class DetectPlan:
+    """What :func:`plan` decided; every shard task and the gather recompute the same one."""
+
+    uri: str
+    fingerprint: str
+    prefix: str
+    cache_hit: bool
+    model_uri: str
+    model_fingerprint: str
+    items: list[Item] = field(repr=False)
+    units: list[int]
+    images: str  # what was listed, in words
+    config: dict
+    inputs: dict
+    force: bool = False
+
+    def groups(self, n_tasks: int) -> list[list[int]]:
+        """The shard indices split into ``n_tasks`` JSON-able groups (for Airflow's
+        ``expand``)."""
+        n = max(1, min(int(n_tasks), len(self.units)))
+        return [self.units[i::n] for i in range(n)]
+
+    def shard_items(self, unit: int) -> list[Item]:
+        return [it for it in self.items if it.shard == unit]
+
+
+def resolve_model(store: Store, model_uri: str | None) -> str:
+    """The model to run: ``model_uri`` (a URI, or ``models/<fp>`` relative to the store root),
+    else the registry's production model. :class:`NoProductionModel` when neither exists."""
+    if model_uri is not None and str(model_uri).strip():
+        uri = str(model_uri).strip().rstrip("/")
+        if "://" not in uri and not os.path.isabs(uri):
+            uri = store.uri(uri)
+        return uri
+    pointer, _ = read_production(store)
+    if pointer is None:
+        raise NoProductionModel(
+            f"no model given and no production model yet ({store.uri(PRODUCTION_POINTER)} "
+            "does not exist): evaluate and promote a model first, or pass a model URI "
+            "(--model models/<fingerprint>)")
+    log.info("using the production model %s (%s %s)", pointer["model_uri"], pointer["metric"],
+             pointer["value"])
+    return str(pointer["model_uri"])
+
+
+def safe_key(rel: str) -> str:
+    """An image's output key from its relative path (module doc): extension dropped, unsafe
+    characters replaced by ``_``, leading dots dropped from every component."""
+    head, _, name = rel.rpartition("/")
+    stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+    path = f"{head}/{stem}" if head else stem
+    parts = [(_UNSAFE.sub("_", p).lstrip(".") or "_") for p in path.split("/") if p]
+    return "/".join(parts) or "_"
+
+
+def _assign_keys(rels: Iterable[str]) -> dict[str, str]:
+    """rel path → unique safe key (case-insensitively unique: a local copy on macOS or
+    Windows must not merge two outputs); later clashes get a ``-<hash>`` suffix."""
+    used: set[str] = set()
+    out = {}
+    for rel in sorted(rels):
+        key = safe_key(rel)
+        if key.lower() in used:
+            key = f"{key}-{hashlib.sha256(rel.encode()).hexdigest()[:8]}"
+        used.add(key.lower())
+        out[rel] = key
+    return out
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _list_test_split(store: Store, model: StepResult) -> tuple[list[tuple], str]:
+    """(rel, ref, kind, source, size, digest) of the model's dataset's test images."""
+    model_prefix = step_prefix("export", model.fingerprint)
+    pipeline = json.loads(store.read_text(model_prefix + "pipeline.json"))
+    records_uri = pipeline.get("tfrecords_uri")
+    if not records_uri:
+        raise ValueError(f"{model.uri}/pipeline.json names no tfrecords output: cannot find "
+                         "the dataset it was trained on; pass the images to detect on")
+    _, _, records_fp = split_output_uri(records_uri)  # the same output under this store's root
+    records = read_manifest(store, step_prefix("tfrecords", records_fp))
+    if records is None:
+        raise StoreError(f"the model's tfrecords output tfrecords/{records_fp} is not in "
+                         f"{store.uri()}: pass the images to detect on")
+    dataset_fp = records.get("inputs", {}).get("dataset")
+    if not dataset_fp:
+        raise ValueError(f"tfrecords/{records_fp} records no dataset input")
+    base = step_prefix("download", dataset_fp)
+    dataset = read_manifest(store, base)
+    if dataset is None:
+        raise StoreError(f"the model's dataset {store.uri(base)} is incomplete or absent")
+    files = dataset.get("files", {})
+    if "annotations/test.txt" not in files:
+        raise FileNotFoundError(f"{store.uri(base)} has no annotations/test.txt")
+    names: dict[str, None] = {}
+    for line in store.read_text(base + "annotations/test.txt").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            names[line.split()[0]] = None
+    out = []
+    for name in names:
+        rel = f"images/{name}.jpg"
+        entry = files.get(rel)
+        if entry is None:
+            out.append((name, base + rel, "store", base + rel, -1,
+                        "missing: annotations/test.txt lists it but the dataset has no " + rel))
+        else:
+            out.append((name, base + rel, "store", base + rel, entry["size"],
+                        "sha256:" + entry["sha256"]))
+    return out, f"test split of {store.uri(base.rstrip('/'))} ({len(out)} images)"
+
+
+def _list_store_prefix(store: Store, prefix: str) -> list[tuple]:
+    out = []
+    for obj in store.list(prefix):
+        if not _is_image(obj.key):
+            continue
+        rel = obj.key[len(prefix):]
+        if obj.etag:
+            digest = "etag:" + obj.etag.strip('"')
+        else:  # a local store: the listing carries no version tag, the content decides
+            digest = "sha256:" + _sha256(store.get_bytes(obj.key)[0])
+        out.append((rel, obj.key, "store", obj.key, obj.size, digest))
+    return out
+
+
+def _list_local(folder: Path) -> list[tuple]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if not _is_image(name):
+                continue
+            path = Path(dirpath) / name
+            rel = path.relative_to(folder).as_posix()
+            try:
+                data = path.read_bytes()
+                out.append((rel, str(path), "local", rel, len(data), "sha256:" + _sha256(data)))
+            except OSError as e:
+                out.append((rel, str(path), "local", rel, -1,
+                            f"unreadable: {e.strerror or type(e).__name__}"))
+    return out
+
+
+def _resolve_images(store: Store, images: str) -> tuple[str, str | Path]:
+    """``("store", prefix)`` or ``("local", folder)`` for an ``images`` argument."""
+    s = str(images).strip()
+    if not s:
+        raise ValueError("images is empty")
+    root = store.root.rstrip("/")
+    local_root = None if store.remote else Path(store.root)
+    if s.startswith("file://"):
+        s = s[len("file://"):]
+    if s == root or s.startswith(root + "/"):
+        prefix = s[len(root):].strip("/")
+    elif s.startswith("s3://") or "://" in s:
+        raise ValueError(f"images {images!r} is not under the store root {store.root}: copy "
+                         "the images into the store, or pass a local folder")
+    elif os.path.isabs(s) or s.startswith(("./", "../", "~")):
+        path = Path(s).expanduser().resolve()
+        if local_root is not None and (path == local_root or local_root in path.parents):
+            prefix = path.relative_to(local_root).as_posix()
+        else:
+            if not path.is_dir():
+                raise FileNotFoundError(f"images folder {path} does not exist")
+            return "local", path
+    else:
+        prefix = s.strip("/")
+        if not any(True for _ in store.list(prefix + "/")) and Path(s).is_dir():
+            return "local", Path(s).resolve()
+    if not prefix or prefix == ".":
+        raise ValueError(f"images {images!r} names the whole store: give the prefix that "
+                         "holds the images")
+    return "store", prefix + "/"
+
+
+def list_images(store: Store, model: StepResult, images: str | None) -> tuple[list[Item], str]:
+    """The listing (module doc, *Inputs*) as unsharded :class:`Item` s sorted by key, and a
+    description of what was listed."""
+    if images is None or not str(images).strip():
+        rows, what = _list_test_split(store, model)
+    else:
+        kind, where = _resolve_images(store, images)
+        if kind == "local":
+            rows = _list_local(Path(where))
+            what = f"local folder {where} ({len(rows)} images)"
+        else:
+            rows = _list_store_prefix(store, str(where))
+            what = f"{store.uri(str(where))} ({len(rows)} images)"
+    if not rows:
+        raise FileNotFoundError(f"no images to detect on in the {what.rsplit(' (', 1)[0]} "
+                                f"(looked for {', '.join(IMAGE_EXTENSIONS)} files)")
+    keys = _assign_keys(r[0] for r in rows)
+    items = [Item(keys[rel], ref, kind, source, size, digest, -1)
+             for rel, ref, kind, source, size, digest in rows]
+    items.sort(key=lambda it: it.key)
+    return items, what
+
+
+def listing_digest(items: Iterable[Item]) -> str:
+    """sha256 over every item's key, source, size and digest (part of the fingerprint)."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.key}\t{it.source}\t{it.size}\t{it.digest}\n".encode())
+    return h.hexdigest()
+
+
+def plan(store: Store, model_uri: str | None, images: str | None, cfg: DetectConfig, *,
+         force: bool = False) -> DetectPlan:
+    """Resolve the model, list the images, fix the fingerprint and the shards (module doc).
+
+    :param force: recompute even if the output is complete (shards and gather).
+    """
+    cfg.validate()
+    uri = resolve_model(store, model_uri)
+    model = load_output(store, uri, expect_step="export")
+    items, what = list_images(store, model, images)
+    items = [it._replace(shard=i % cfg.num_shards) for i, it in enumerate(items)]
+    inputs = {"model": model.fingerprint, "images": listing_digest(items)}
+    config = cfg.fingerprint_fields()
+    fp = fingerprint(STEP, SCHEMA_VERSION, inputs, config)
+    prefix = step_prefix(STEP, fp)
+    cache_hit = not force and read_manifest(store, prefix) is not None
+    return DetectPlan(store.uri(prefix.rstrip("/")), fp, prefix, cache_hit, model.uri,
+                      model.fingerprint, items, list(range(cfg.num_shards)), what, config,
+                      inputs, force)
+
+
+def _check_config(p: DetectPlan, cfg: DetectConfig) -> None:
+    cfg.validate()
+    if cfg.fingerprint_fields() != p.config:
+        raise ValueError(f"the config {cfg.fingerprint_fields()} is not the one the plan was "
+                         f"made with {p.config}")
+
+
+def part_key(p: DetectPlan, unit: int) -> str:
+    return f"{p.prefix}{PARTS}shard-{unit:05d}.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards
+# ---------------------------------------------------------------------------------------------
+
+def _tf_error_text(e: BaseException) -> str:
+    """A TensorFlow op error as one readable line (no function-node noise)."""
+    msg = getattr(e, "message", None) or str(e)
+    msg = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", msg)
+    msg = re.sub(r"\s*\[Op:\w+\]", "", msg).strip()
+    return msg.splitlines()[0] if msg else type(e).__name__
+
+
+class _Unreadable(Exception):
+    """An input that cannot be read: becomes a failure record (the reason is the message)."""
+
+
+def _read_item(store: Store, item: Item) -> bytes:
+    """The image's bytes, checked against the listing; :class:`_Unreadable` for a per-image
+    failure, :class:`InputChanged` when the input is not the one planned."""
+    if item.digest.startswith(("missing:", "unreadable:")):
+        raise _Unreadable(item.digest)
+    if item.kind == "local":
+        try:
+            data = Path(item.ref).read_bytes()
+        except FileNotFoundError:
+            raise InputChanged(f"{item.ref} was deleted after planning: plan again") from None
+        except OSError as e:
+            raise _Unreadable(f"unreadable: {e.strerror or type(e).__name__}") from None
+        etag = None
+    else:
+        try:
+            data, etag = store.get_bytes(item.ref)
+        except NotFound:
+            raise InputChanged(f"{store.uri(item.ref)} was deleted after planning: plan "
+                               "again") from None
+    kind, _, want = item.digest.partition(":")
+    got = (etag or "").strip('"') if kind == "etag" else _sha256(data)
+    if got != want:
+        where = item.ref if item.kind == "local" else store.uri(item.ref)
+        raise InputChanged(f"{where} changed after planning ({kind} {got}, listed {want}): "
+                           "plan again")
+    return data
+
+
+def _read_ahead(store: Store, items: list[Item], window: int = 16
+                ) -> Iterator[tuple[int, bytes | None, str | None]]:
+    """``(index, bytes, None)`` or ``(index, None, reason)`` in order; on a remote store a few
+    requests run ahead in threads (S3 latency hidden), a local one is read directly."""
+    if not store.remote:
+        for j, item in enumerate(items):
+            try:
+                yield j, _read_item(store, item), None
+            except _Unreadable as e:
+                yield j, None, str(e)
+        return
+
+    def one(item: Item) -> tuple[bytes | None, str | None]:
+        try:
+            return _read_item(store, item), None
+        except _Unreadable as e:
+            return None, str(e)
+
+    with ThreadPoolExecutor(max_workers=min(8, window), thread_name_prefix="petdet-read"
+                            ) as pool:
+        futures: collections.deque = collections.deque()
+        it = iter(enumerate(items))
+        for j, item in it:
+            futures.append((j, pool.submit(one, item)))
+            if len(futures) >= window:
+                break
+        while futures:
+            j, fut = futures.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                futures.append((nxt[0], pool.submit(one, nxt[1])))
+            data, reason = fut.result()
+            yield j, data, reason
+
+
+@dataclass
+class _Unit:
+    """Progress of one shard inside :class:`_ShardRunner`."""
+
+    index: int
+    remaining: int
+    records: list[dict] = field(default_factory=list)
+    thumbnails: dict[str, str] = field(default_factory=dict)
+    files: dict[str, dict] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+
+class _ShardRunner:
+    """Runs the given shards' images through one pipeline (module doc, :func:`run_shards`)."""
+
+    def __init__(self, store: Store, p: DetectPlan, cfg: DetectConfig, model, labels: LabelMap,
+                 *, workers: int | None = None):
+        self.store, self.p, self.cfg = store, p, cfg
+        self.model, self.labels = model, labels
+        self.workers = workers or (8 if store.remote else 2)
+        self.lock = threading.Lock()
+        self.units: dict[int, _Unit] = {}
+        self.reports: dict[int, dict] = {}
+        self.todo: list[tuple[int, Item]] = []
+        self.model_seconds = 0.0
+        self.batches = {"uint8": 0, "encoded": 0}
+
+    # -- per image, in the pool ------------------------------------------------------------
+    def _put(self, unit: _Unit, rel: str, data: bytes) -> None:
+        self.store.put_bytes(self.p.prefix + rel, data)
+        with self.lock:
+            unit.files[rel] = {"size": len(data), "sha256": _sha256(data)}
+
+    def _finish_image(self, j: int, image, out: dict) -> None:
+        from PIL import Image
+
+        u, item = self.todo[j]
+        unit = self.units[u]
+        h, w = int(image.shape[0]), int(image.shape[1])
+        rec = annotate.image_record(
+            item.key, w, h, out["detection_boxes"], out["detection_scores"],
+            out["detection_classes"], out["num_detections"], self.labels,
+            score_threshold=float(self.cfg.score_threshold), max_boxes=self.cfg.max_boxes,
+            source=item.source)
+        drawn = annotate.draw_detections(Image.fromarray(image), rec)
+        self._put(unit, f"annotated/{item.key}.jpg", annotate.encode_jpeg(drawn, JPEG_QUALITY))
+        # a whole-factor box reduction first (still >= the thumbnail size) makes the Lanczos
+        # step ~3x cheaper than on the full image
+        factor = max(1, max(w, h) // self.cfg.thumbnail_size)
+        small = drawn.reduce(factor) if factor > 1 else drawn
+        thumb = annotate.thumbnail_jpeg(small, self.cfg.thumbnail_size, THUMBNAIL_QUALITY)
+        self._put(unit, f"images/{item.key}.json", _record_json(rec))
+        self._done(unit, rec, thumb)
+
+    def _finish_failure(self, j: int, reason: str) -> None:
+        u, item = self.todo[j]
+        unit = self.units[u]
+        log.warning("%s: %s", item.source, reason)
+        rec = annotate.failure_record(item.key, reason, item.source)
+        self._put(unit, f"images/{item.key}.json", _record_json(rec))
+        self._done(unit, rec, None)
+
+    def _done(self, unit: _Unit, rec: dict, thumb: bytes | None) -> None:
+        with self.lock:
+            unit.records.append(rec)
+            if thumb is not None:
+                unit.thumbnails[rec["image"]] = base64.b64encode(thumb).decode("ascii")
+            unit.remaining -= 1
+            last = unit.remaining == 0
+        if last:
+            self._write_part(unit)
+
+    def _write_part(self, unit: _Unit) -> None:
+        records = sorted(unit.records, key=lambda r: r["image"])
+        report = {
+            "schema": SCHEMA_VERSION,
+            "fingerprint": self.p.fingerprint,
+            "model_fingerprint": self.p.model_fingerprint,
+            "shard": unit.index,
+            "images": len(records),
+            "failed": sum(1 for r in records if "error" in r),
+            "boxes": sum(len(r.get("detections", ())) for r in records),
+            "records": records,
+            "thumbnails": dict(sorted(unit.thumbnails.items())),
+            "files": dict(sorted(unit.files.items())),
+            "seconds": round(time.monotonic() - unit.started, 3),
+        }
+        self.store.put_bytes(part_key(self.p, unit.index),
+                             json.dumps(report, sort_keys=True).encode())
+        log.info("shard %d: %d images, %d failed, %d boxes (%.1fs)", unit.index,
+                 report["images"], report["failed"], report["boxes"], report["seconds"])
+        with self.lock:
+            self.reports[unit.index] = report
+
+    # -- the model, in the calling thread ----------------------------------------------------
+    def _run_model(self, batch: list[tuple[int, Any, bytes]]) -> dict:
+        import numpy as np
+        import tensorflow as tf
+
+        from petdet_tasks.export import INPUT_KEY, SIGNATURE_ENCODED, SIGNATURE_IMAGES
+
+        started = time.perf_counter()
+        shapes = {b[1].shape for b in batch}
+        if len(shapes) == 1:  # one size: the uint8 signature, no second decode
+            fn = self.model.signatures[SIGNATURE_IMAGES]
+            out = fn(**{INPUT_KEY: tf.constant(np.stack([b[1] for b in batch]))})
+            self.batches["uint8"] += 1
+        else:  # mixed sizes: the encoded signature decodes each image at its own size
+            fn = self.model.signatures[SIGNATURE_ENCODED]
+            out = fn(**{INPUT_KEY: tf.constant([b[2] for b in batch], dtype=tf.string)})
+            self.batches["encoded"] += 1
+        result = {k: v.numpy() for k, v in out.items()}
+        self.model_seconds += time.perf_counter() - started
+        return result
+
+    def _decode_error(self, data: bytes | None) -> str:
+        import tensorflow as tf
+
+        if data is None:
+            return "undecodable: dropped by the input pipeline"
+        try:
+            tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+        except Exception as e:  # noqa: BLE001 - the reason is what we want
+            return f"undecodable: {_tf_error_text(e)}"
+        return "undecodable: failed in the input pipeline (decodes on its own: out of memory?)"
+
+    def run(self, units: list[int]) -> None:
+        import tensorflow as tf
+
+        for u in units:
+            items = self.p.shard_items(u)
+            self.units[u] = _Unit(u, len(items))
+            self.todo.extend((u, it) for it in items)
+        for u in units:
+            if self.units[u].remaining == 0:
+                self._write_part(self.units[u])
+        if not self.todo:
+            return
+        raw: dict[int, bytes] = {}
+        read_errors: dict[int, str] = {}
+        fatal: list[BaseException] = []
+        items = [it for _, it in self.todo]
+
+        def generate():
+            try:
+                for j, data, reason in _read_ahead(self.store, items):
+                    if data is None:
+                        read_errors[j] = reason or "unreadable"
+                        continue
+                    raw[j] = data
+                    yield j, data
+            except Exception as e:  # noqa: BLE001 - re-raised by the consumer
+                fatal.append(e)
+
+        def decode(j, data):
+            return j, tf.io.decode_image(data, channels=3, dtype=tf.uint8,
+                                         expand_animations=False)
+
+        ds = tf.data.Dataset.from_generator(generate, output_signature=(
+            tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string)))
+        # undecodable images are dropped here and found again by their missing index
+        ds = ds.map(decode, num_parallel_calls=max(2, min(4, os.cpu_count() or 2)),
+                    deterministic=True).ignore_errors().prefetch(2 * self.cfg.batch_size)
+        # fixed parallelism and buffers, autotuning off: its optimisation thread sleeps up to
+        # ~10 s between rounds and deleting the iterator waits for it (seen: a 9 s stall
+        # after a third of the runs)
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        ds = ds.with_options(options)
+
+        inflight: collections.deque[Future] = collections.deque()
+        limit = 3 * self.cfg.batch_size
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="petdet-draw"
+                                ) as pool:
+
+            def submit(fn: Callable, *args) -> None:
+                inflight.append(pool.submit(fn, *args))
+                while len(inflight) > limit or (inflight and inflight[0].done()):
+                    inflight.popleft().result()
+
+            def fail_gap(j: int) -> None:
+                reason = read_errors.pop(j, None) or self._decode_error(raw.pop(j, None))
+                submit(self._finish_failure, j, reason)
+
+            # Batching by size: images wait in one bucket per (height, width); a full bucket
+            # runs through the uint8 signature (no second decode). When too many wait, the
+            # oldest go together, mixed sizes, through the encoded signature; so do the odd
+            # ones left at the end.
+            size = self.cfg.batch_size
+            waiting: collections.OrderedDict[int, tuple[int, Any, bytes]] = \
+                collections.OrderedDict()  # j → (j, image, bytes), oldest first
+            buckets: dict[tuple, list[int]] = {}  # (h, w, 3) → waiting indices
+
+            def run_batch(js: list[int]) -> None:
+                batch = [waiting.pop(j) for j in js]
+                for j, image, _ in batch:
+                    bucket = buckets[image.shape]
+                    bucket.remove(j)
+                    if not bucket:
+                        del buckets[image.shape]
+                out = self._run_model(batch)
+                for i, (j, image, _) in enumerate(batch):
+                    submit(self._finish_image, j, image, {k: v[i] for k, v in out.items()})
+
+            def add(j: int, image, data: bytes) -> None:
+                waiting[j] = (j, image, data)
+                bucket = buckets.setdefault(image.shape, [])
+                bucket.append(j)
+                if len(bucket) >= size:
+                    run_batch(list(bucket))
+                elif len(waiting) >= 3 * size:
+                    run_batch(list(waiting)[:size])
+
+            expected = 0
+            for j_t, image_t in ds:
+                j = int(j_t)
+                while expected < j:
+                    fail_gap(expected)
+                    expected += 1
+                expected = j + 1
+                add(j, image_t.numpy(), raw.pop(j))
+            if fatal:
+                raise fatal[0]
+            for bucket in sorted(buckets.values(), key=len, reverse=True):
+                if len(bucket) > 1:
+                    run_batch(list(bucket))
+            rest = list(waiting)
+            for i in range(0, len(rest), size):
+                run_batch(rest[i:i + size])
+            while expected < len(self.todo):
+                fail_gap(expected)
+                expected += 1
+            while inflight:
+                inflight.popleft().result()
+
+
+def _load_model(path: Path):
+    """The SavedModel at ``path``, loaded once per process (the last one is kept: a CLI run
+    loads it once anyway; repeated runs in one process — tests, benchmarks — reuse it)."""
+    import tensorflow as tf
+
+    key = str(path)
+    with _MODEL_LOCK:
+        if key not in _MODEL_CACHE:
+            _MODEL_CACHE.clear()
+            _MODEL_CACHE[key] = tf.saved_model.load(key)
+        return _MODEL_CACHE[key]
+
+
+def _record_json(rec: dict) -> bytes:
+    return (json.dumps(rec, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def _finished_part(store: Store, p: DetectPlan, unit: int, listed: Callable[[], dict]
+                   ) -> dict | None:
+    """The shard's part report when it is there with every file it lists, else None."""
+    try:
+        report = json.loads(store.get_bytes(part_key(p, unit))[0])
+    except NotFound:
+        return None
+    if report.get("fingerprint") != p.fingerprint:
+        return None
+    sizes = listed()
+    missing = [rel for rel, e in report.get("files", {}).items()
+               if sizes.get(p.prefix + rel) != e["size"]]
+    if missing:
+        log.warning("shard %d: part report found but %d of its files are missing or "
+                    "different (e.g. %s); writing it again", unit, len(missing), missing[0])
+        return None
+    return report
+
+
+def _public(report: dict) -> dict:
+    """A part report without its thumbnails (what :func:`run_shards` returns)."""
+    return {k: v for k, v in report.items() if k != "thumbnails"}
+
+
+def run_shards(store: Store, p: DetectPlan, units: Iterable[int], cfg: DetectConfig, *,
+               cache_dir=None) -> list[dict]:
+    """Detect on the given shards (one Airflow mapped task, or the CLI with every shard);
+    returns their part reports without the thumbnails (``records``, ``files``, counts).
+
+    Shards already written (part report + files present) are skipped without loading the
+    model; the others run back to back through one pipeline (module doc)."""
+    _check_config(p, cfg)
+    units = [int(u) for u in units]
+    bad = [u for u in units if u not in p.units]
+    if bad:
+        raise ValueError(f"shards {bad} are not in the plan (0..{len(p.units) - 1})")
+    if p.cache_hit:
+        log.info("cache hit: %s is complete; no shard to run", p.uri)
+        return []
+    cache: dict[str, dict] = {}
+
+    def listed() -> dict:
+        if "sizes" not in cache:
+            cache["sizes"] = {o.key: o.size for o in store.list(p.prefix)}
+        return cache["sizes"]
+
+    reports: dict[int, dict] = {}
+    todo = []
+    for u in units:
+        done = None if p.force else _finished_part(store, p, u, listed)
+        if done is not None:
+            log.info("shard %d already written (%d images); skipping", u, done["images"])
+            reports[u] = done
+        else:
+            todo.append(u)
+    if todo:
+        from petdet_tasks.export import load_exported
+
+        started = time.monotonic()
+        result, saved_model, labels = load_exported(store, p.model_uri, cache_dir)
+        if result.fingerprint != p.model_fingerprint:
+            raise StoreError(f"{p.model_uri} has fingerprint {result.fingerprint}, the plan "
+                             f"says {p.model_fingerprint}")
+        model = _load_model(saved_model)
+        runner = _ShardRunner(store, p, cfg, model, labels)
+        n = sum(len(p.shard_items(u)) for u in todo)
+        t0 = time.monotonic()
+        runner.run(todo)
+        secs = time.monotonic() - t0
+        reports.update(runner.reports)
+        LAST_RUN.clear()
+        LAST_RUN.update(shards=todo, images=n, seconds=secs, model_seconds=runner.model_seconds,
+                        batches=dict(runner.batches), load_seconds=t0 - started)
+        log.info("shards %s: %d images in %.1fs (%.1f images/s; model %.1fs, %d uint8 + %d "
+                 "encoded batches; model load %.1fs)", todo, n, secs,
+                 n / secs if secs else math.inf, runner.model_seconds,
+                 runner.batches["uint8"], runner.batches["encoded"], t0 - started)
+    return [_public(reports[u]) for u in units]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gather
+# ---------------------------------------------------------------------------------------------
+
+def _model_labels(store: Store, p: DetectPlan) -> LabelMap:
+    key = step_prefix("export", p.model_fingerprint) + "label_map.pbtxt"
+    return parse_label_map(store.read_text(key), source=store.uri(key))
+
+
+def page_name(page: int) -> str:
+    """``index.html`` for page 1, then ``gallery-002.html``, ..."""
+    return "index.html" if page == 1 else f"gallery-{page:03d}.html"
+
+
+def _href(folder: str, key: str, ext: str) -> str:
+    return f"{folder}/{quote(key, safe='/')}{ext}"
+
+
+def gallery_pages(records: list[dict], thumbnails: dict[str, bytes], summary: dict, *,
+                  title: str, page_size: int = PAGE_SIZE) -> dict[str, str]:
+    """File name → HTML of every gallery page (``page_size`` cards each, all pages linked)."""
+    chunks = [records[i:i + page_size] for i in range(0, len(records), page_size)] or [[]]
+    names = [page_name(i + 1) for i in range(len(chunks))]
+    pages = {}
+    for i, chunk in enumerate(chunks):
+        nav = [(str(k + 1), None if k == i else names[k]) for k in range(len(chunks))] \
+            if len(chunks) > 1 else []
+        suffix = f" — page {i + 1} of {len(chunks)}" if len(chunks) > 1 else ""
+        pages[names[i]] = annotate.gallery_html(
+            chunk, thumbnails, title=title + suffix, summary=summary,
+            image_href=lambda k: _href("annotated", k, ".jpg"),
+            json_href=lambda k: _href("images", k, ".json"), pages=nav)
+    return pages
+
+
+def _failure_reasons(records: list[dict]) -> dict[str, int]:
+    reasons = Counter(r["error"].split(":", 1)[0] for r in records if "error" in r)
+    return dict(sorted(reasons.items()))
+
+
+def gather(store: Store, p: DetectPlan, cfg: DetectConfig, *, run_id: str | None = None
+           ) -> StepResult:
+    """Commit the step: every shard present and complete, the merged files and the gallery
+    written, the shard-written files registered, manifest last."""
+    _check_config(p, cfg)
+
+    def body(writer: StepWriter) -> dict:
+        labels = _model_labels(store, p)
+        records: list[dict] = []
+        thumbnails: dict[str, bytes] = {}
+        missing = []
+        for u in p.units:
+            key = part_key(p, u)
+            try:
+                data = store.get_bytes(key)[0]
+            except NotFound:
+                missing.append(u)
+                continue
+            report = json.loads(data)
+            if report.get("fingerprint") != p.fingerprint or report.get("shard") != u:
+                raise StoreError(f"{store.uri(key)} is not shard {u} of {p.uri}")
+            records.extend(report["records"])
+            thumbnails.update({k: base64.b64decode(v)
+                               for k, v in report.get("thumbnails", {}).items()})
+            for rel, e in report["files"].items():
+                writer.register(rel, FileEntry(e["size"], e["sha256"]))
+            writer.register(key[len(p.prefix):], FileEntry(len(data), _sha256(data)))
+        if missing:
+            raise StoreError(f"{len(missing)} of {len(p.units)} shards of {p.uri} are not "
+                             f"written yet (shards {missing[:10]}); run the shard tasks first")
+        records.sort(key=lambda r: r["image"])
+        seen = Counter(r["image"] for r in records)
+        planned = {it.key for it in p.items}
+        dupes = sorted(k for k, n in seen.items() if n > 1)
+        lost = sorted(planned - set(seen))
+        extra = sorted(set(seen) - planned)
+        if dupes or lost or extra:
+            raise StoreError(f"the shards of {p.uri} do not cover the listing: "
+                             f"{len(lost)} images without a record (e.g. {lost[:3]}), "
+                             f"{len(dupes)} with several ({dupes[:3]}), "
+                             f"{len(extra)} not listed ({extra[:3]})")
+        summary = annotate.summarize(records, labels)
+        pages = gallery_pages(records, thumbnails, summary,
+                              title=f"petdet detections — {len(records)} images")
+        summary_json = {
+            **summary,
+            "failure_reasons": _failure_reasons(records),
+            "model_uri": p.model_uri,
+            "model_fingerprint": p.model_fingerprint,
+            "input": p.images,
+            "config": p.config,
+            "shards": len(p.units),
+            "pages": list(pages),
+        }
+        writer.put_bytes("detections.jsonl", annotate.records_to_jsonl(records))
+        writer.put_bytes("detections.csv", annotate.records_to_csv(records))
+        writer.put_json("summary.json", summary_json)
+        for name, page in pages.items():
+            writer.put_bytes(name, page.encode("utf-8"))
+        log.info("detect: %d images, %d with detections, %d boxes, %d failed (%s); gallery %s",
+                 summary["images"], summary["images_with_detections"], summary["boxes"],
+                 summary["failed"], summary_json["failure_reasons"] or "no failures",
+                 writer.uri("index.html"))
+        return {"images": summary["images"],
+                "images_with_detections": summary["images_with_detections"],
+                "boxes": summary["boxes"], "failed": summary["failed"],
+                "gallery": "index.html", "pages": len(pages), "shards": len(p.units),
+                "model_uri": p.model_uri, "model_fingerprint": p.model_fingerprint}
+
+    return run_step(store, STEP, SCHEMA_VERSION, inputs=p.inputs, config=p.config, body=body,
+                    force=p.force, resume=True, fp=p.fingerprint, run_id=run_id,
+                    extra_manifest={"detect_config": cfg.to_dict(), "input": p.images})
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything in one call (the CLI)
+# ---------------------------------------------------------------------------------------------
+
+def detect(store: Store, model_uri: str | None, images: str | None,
+           cfg: DetectConfig | None = None, *, cache_dir=None, run_id: str | None = None,
+           force: bool = False) -> StepResult:
+    """plan → every shard (one process, one pipeline) → gather."""
+    cfg = (cfg or DetectConfig()).validate()
+    p = plan(store, model_uri, images, cfg, force=force)
+    log.info("%s: %d images from the %s in %d shards, model %s%s", p.uri, len(p.items),
+             p.images, len(p.units), p.model_uri, " (cache hit)" if p.cache_hit else "")
+    if not p.cache_hit:
+        run_shards(store, p, p.units, cfg, cache_dir=cache_dir)
+    return gather(store, p, cfg, run_id=run_id)

@@ -1,0 +1,565 @@
+"""The detection step on a model trained (briefly) here: records agree with the served model,
+images are really annotated, the gallery lists everything, bad inputs are reported, re-runs
+and retried shards write nothing twice; on a local store and on S3 (SeaweedFS).
+
+The model is built once for the module: the synthetic sample → download → tfrecords → a
+30-step fine-tune at 96 px from a tiny preset → export. Its boxes are poor, but a low score
+threshold gives every image detections, which is all these tests need."""
+
+from __future__ import annotations
+
+import html.parser
+import io
+import json
+import uuid
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from petdet_tasks import annotate
+from petdet_tasks.detect import (
+    DetectConfig,
+    NoProductionModel,
+    gallery_pages,
+    gather,
+    part_key,
+    plan,
+    resolve_model,
+    run_shards,
+    safe_key,
+)
+from petdet_tasks.detect import detect as run_detect
+from petdet_tasks.detector import make_preset
+from petdet_tasks.download import DownloadConfig, download
+from petdet_tasks.export import export, load_exported
+from petdet_tasks.layout import step_prefix
+from petdet_tasks.manifest import load_output
+from petdet_tasks.registry import promote
+from petdet_tasks.sample_data import make_sample
+from petdet_tasks.store import LocalStore, S3Store, Store
+from petdet_tasks.tfrecords import TFRecordConfig, build
+from petdet_tasks.train import train
+from petdet_tasks.train_config import LRSchedule, TrainConfig
+
+pytestmark = pytest.mark.slow
+SIZE = 96
+LOW = 0.05  # the export's own floor: every image gets detections from this weak model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(work dir, local store, model URI, sample summary): a committed export."""
+    work = tmp_path_factory.mktemp("detect")
+    summary = make_sample(work / "sample", breeds=6, per_breed=12, seed=0)
+    store = LocalStore(work / "store")
+    dataset = download(store, DownloadConfig(source=str(work / "sample"),
+                                             cache_dir=str(work / "cache"))).uri
+    records = build(store, dataset, TFRecordConfig(num_shards=1, classes="present",
+                                                   max_quarantine_fraction=0.2), workers=1)
+    preset = make_preset(work / "preset", num_classes=5, image_size=SIZE, train_steps=1)
+    cfg = TrainConfig(image_size=SIZE, batch_size=8, num_steps=30, checkpoint_every_n=1000,
+                      log_every_n=10, preset=str(preset), optimizer="sgd",
+                      learning_rate=LRSchedule(kind="constant", initial_learning_rate=0.004))
+    training = train(store, records.uri, cfg, cache_dir=work / "cache")
+    model = export(store, training.uri, cache_dir=work / "cache")
+    return work, store, model.uri, summary
+
+
+@pytest.fixture(scope="module")
+def served(setup):
+    """(loaded SavedModel, label map) of the module's model."""
+    import tensorflow as tf
+
+    work, store, model_uri, _ = setup
+    _, path, labels = load_exported(store, model_uri, work / "cache")
+    return tf.saved_model.load(str(path)), labels
+
+
+def _prefix(result) -> str:
+    return step_prefix("detect", result.fingerprint)
+
+
+def _records(store: Store, result) -> dict[str, dict]:
+    lines = store.read_text(_prefix(result) + "detections.jsonl").splitlines()
+    return {r["image"]: r for r in map(json.loads, lines)}
+
+
+def _good_images(work: Path, n: int) -> list[tuple[str, bytes]]:
+    """``n`` decodable JPEGs of the sample's dataset (name, bytes)."""
+    import tensorflow as tf
+
+    out = []
+    for path in sorted((work / "store").glob("datasets/*/images/*.jpg")):
+        data = path.read_bytes()
+        try:
+            tf.io.decode_jpeg(data)
+        except Exception:  # noqa: BLE001 - skip the sample's defects
+            continue
+        if data[:2] == b"\xff\xd8":
+            out.append((path.stem, data))
+        if len(out) == n:
+            return out
+    raise AssertionError("not enough good sample images")
+
+
+def _expected(model, data: bytes) -> tuple[list, int, int]:
+    """The served model's raw ``serving_default`` rows for one image (decoded the way the
+    step decodes it): ([(class, score, box)], width, height)."""
+    import tensorflow as tf
+
+    from petdet_tasks.export import call_signature
+
+    image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+    out = call_signature(model, "serving_default", image[None])
+    n = int(out["num_detections"][0])
+    rows = [(int(out["detection_classes"][0, i]), float(out["detection_scores"][0, i]),
+             np.clip(out["detection_boxes"][0, i].astype(float), 0, 1)) for i in range(n)]
+    return sorted(rows, key=lambda r: -r[1]), image.shape[1], image.shape[0]
+
+
+TOL_SCORE = 2e-4  # records round scores to 4 decimals; batch composition moves ~1e-6
+TOL_BOX = 1e-4
+
+
+def _check_record(rec: dict, model, labels, data: bytes, cfg: DetectConfig) -> None:
+    """Schema, and every detection against the raw signature output of the same image
+    (order-insensitive: near-tied scores may swap; a score within the tolerance of the
+    threshold or of the last kept one may fall either side)."""
+    annotate.validate_record(rec)
+    rows, width, height = _expected(model, data)
+    assert (rec["width"], rec["height"]) == (width, height)
+    dets = rec["detections"]
+    thr = cfg.score_threshold
+    sure = [r for r in rows if r[1] > thr + TOL_SCORE]
+    maybe = [r for r in rows if r[1] >= thr - TOL_SCORE]
+    assert min(cfg.max_boxes, len(sure)) <= len(dets) <= min(cfg.max_boxes, len(maybe))
+    names = {item.id: item.name for item in labels}
+    for det in dets:
+        box = det["box"]
+        got = np.array([box["ymin"], box["xmin"], box["ymax"], box["xmax"]])
+        assert any(r[0] == det["class_id"] and abs(r[1] - det["score"]) < TOL_SCORE
+                   and np.max(np.abs(r[2] - got)) < TOL_BOX for r in maybe), (det, rows[:5])
+        assert det["class_name"] == names[det["class_id"]]
+        # pixel boxes: the annotate rule, floor(v * size + 1e-6) clipped to the last pixel
+        px = det["box_pixels"]
+        for k, size in (("xmin", width), ("xmax", width), ("ymin", height), ("ymax", height)):
+            assert px[k] == min(max(int(np.floor(box[k] * size + 1e-6)), 0), size - 1)
+    if dets and len(maybe) > len(dets):  # the kept ones are the best ones
+        assert dets[-1]["score"] >= maybe[len(dets)][1] - TOL_SCORE
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resolve_model_needs_a_production_model_or_a_uri(setup, tmp_path):
+    work, store, model_uri, _ = setup
+    empty = LocalStore(tmp_path / "empty")
+    with pytest.raises(NoProductionModel, match="no production model"):
+        resolve_model(empty, None)
+    with pytest.raises(NoProductionModel, match="registry/production.json"):
+        plan(empty, None, None, DetectConfig())
+    fp = model_uri.rsplit("/", 1)[1]
+    assert resolve_model(store, model_uri) == model_uri
+    assert resolve_model(store, f"models/{fp}") == model_uri  # relative to the store root
+    promote(store, model_uri=model_uri, model_fingerprint=fp,
+            evaluation_uri=store.uri("evaluations/0123456789abcdef0123"),
+            metrics={"mAP": 0.01})
+    assert resolve_model(store, None) == model_uri
+    assert resolve_model(store, "") == model_uri
+
+
+def test_test_split_records_match_the_served_model(setup, served):
+    """Default inputs (the model's test split) and default model (the production pointer,
+    promoted in the previous test or here)."""
+    work, store, model_uri, summary = setup
+    fp = model_uri.rsplit("/", 1)[1]
+    promote(store, model_uri=model_uri, model_fingerprint=fp,
+            evaluation_uri=store.uri("evaluations/0123456789abcdef0123"),
+            metrics={"mAP": 0.01})
+    model, labels = served
+    cfg = DetectConfig(score_threshold=LOW, max_boxes=5, num_shards=3, batch_size=4)
+    result = run_detect(store, None, None, cfg, cache_dir=work / "cache")
+    assert not result.cache_hit
+    assert result.outputs["model_uri"] == model_uri
+
+    dataset = next(store.path.glob("datasets/*"))
+    test_names = [line.split()[0] for line in
+                  (dataset / "annotations/test.txt").read_text().splitlines() if line.strip()]
+    records = _records(store, result)
+    assert sorted(records) == sorted(test_names)  # every test image, each once
+    files = result.manifest["files"]
+    for name in test_names:
+        rec = json.loads(store.read_text(_prefix(result) + f"images/{name}.json"))
+        assert rec == records[name]
+        assert rec["source"] == f"datasets/{dataset.name}/images/{name}.jpg"
+        assert f"images/{name}.json" in files
+        if "error" in rec:  # only the sample's undecodable defect may fail
+            assert summary["defects"].get(name) == "truncated_jpeg", rec
+            assert rec["error"].startswith("undecodable: ")
+            assert f"annotated/{name}.jpg" not in files
+        else:
+            assert f"annotated/{name}.jpg" in files
+    checked = 0
+    for name in test_names:
+        rec = records[name]
+        if "error" in rec:
+            continue
+        data = (dataset / "images" / f"{name}.jpg").read_bytes()
+        _check_record(rec, model, labels, data, cfg)
+        checked += 1
+    assert checked >= len(test_names) - 1
+    assert sum(len(r.get("detections", [])) for r in records.values()) > 0
+
+    # merged outputs agree with the records
+    csv_rows = store.read_text(_prefix(result) + "detections.csv").splitlines()
+    assert csv_rows[0].split(",") == list(annotate.CSV_COLUMNS)
+    expected_rows = sum(max(1, len(r.get("detections", []))) for r in records.values())
+    assert len(csv_rows) - 1 == expected_rows
+    summary_json = json.loads(store.read_text(_prefix(result) + "summary.json"))
+    assert summary_json["images"] == len(test_names)
+    assert summary_json["boxes"] == result.outputs["boxes"]
+    assert sum(summary_json["boxes_per_class"].values()) == summary_json["boxes"]
+    assert summary_json["failed"] == len(summary_json["failures"]) == result.outputs["failed"]
+    # the manifest registers the files the shards wrote, with their checksums
+    for rel in ("_parts/shard-00000.json", "_parts/shard-00002.json", "index.html",
+                "detections.jsonl", "summary.json"):
+        assert rel in files
+    import hashlib
+
+    some = next(k for k in files if k.startswith("annotated/"))
+    data = store.get_bytes(_prefix(result) + some)[0]
+    assert files[some]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_annotated_image_is_drawn(setup):
+    work, store, model_uri, _ = setup
+    cfg = DetectConfig(score_threshold=LOW, max_boxes=1, num_shards=1)
+    folder = work / "draw"
+    folder.mkdir(exist_ok=True)
+    for name, data in _good_images(work, 4):
+        (folder / f"{name}.jpg").write_bytes(data)
+    result = run_detect(store, model_uri, str(folder), cfg, cache_dir=work / "cache")
+    records = _records(store, result)
+    drawn_any = 0
+    for key, rec in records.items():
+        if not rec["detections"]:
+            continue
+        det = rec["detections"][0]
+        px = det["box_pixels"]
+        if px["xmax"] - px["xmin"] < 8 or px["ymax"] - px["ymin"] < 8:
+            continue
+        original = np.asarray(Image.open(folder / f"{key}.jpg").convert("RGB"), np.int16)
+        annotated_bytes = store.get_bytes(_prefix(result) + f"annotated/{key}.jpg")[0]
+        annotated = np.asarray(Image.open(io.BytesIO(annotated_bytes)).convert("RGB"), np.int16)
+        assert annotated.shape == original.shape
+        color = np.array(annotate.class_color(det["class_id"]))
+        # the outline: the box's bottom edge and left edge are the class colour now
+        bottom = annotated[px["ymax"], px["xmin"] + 4:px["xmax"] - 4]
+        left = annotated[px["ymin"] + 40:px["ymax"] - 4, px["xmin"]] if \
+            px["ymax"] - px["ymin"] > 48 else annotated[px["ymin"]:px["ymax"], px["xmin"]]
+        for edge in (bottom, left):
+            assert np.mean(np.abs(edge - color)) < 50, "outline not in the class colour"
+        orig_bottom = original[px["ymax"], px["xmin"] + 4:px["xmax"] - 4]
+        assert np.mean(np.abs(bottom - orig_bottom)) > 20, "outline did not change pixels"
+        # the label "name 0.xx": a filled box of the class colour holding text pixels of the
+        # contrasting colour, on or above the box's top edge, at the left of the box
+        line, font_size, pad = annotate._sizes(rec["width"], rec["height"])
+        mask = annotate._text_mask(f"{det['class_name']} {det['score']:.2f}", font_size)
+        lw, lh = mask.width + 2 * pad, mask.height + 2 * pad
+        top = px["ymin"] - lh if px["ymin"] - lh >= 0 else px["ymin"]
+        top = max(0, min(top, rec["height"] - lh))
+        left_x = max(0, min(px["xmin"], rec["width"] - lw))
+        label = annotated[top:top + lh, left_x:left_x + lw].reshape(-1, 3)
+        text = np.array(annotate.label_text_color(tuple(int(c) for c in color)))
+        near_fill = np.mean(np.abs(label - color).mean(axis=1) < 40)
+        near_text = np.mean(np.abs(label - text).mean(axis=1) < 60)
+        assert near_fill > 0.3 and near_text > 0.03, (near_fill, near_text)
+        # and it is exactly what annotate draws for the record (JPEG noise aside)
+        redrawn = annotate.draw_detections(Image.open(folder / f"{key}.jpg"), rec)
+        assert np.mean(np.abs(np.asarray(redrawn, np.int16) - annotated)) < 3
+        drawn_any += 1
+    assert drawn_any >= 1, "no image with a box large enough to check"
+
+
+class _Links(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.hrefs, self.srcs, self.keys, self._in_key = [], [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "href" in a:
+            self.hrefs.append(a["href"])
+        if "src" in a:
+            self.srcs.append(a["src"])
+        self._in_key = tag == "div" and a.get("class") == "key"
+
+    def handle_data(self, data):
+        if self._in_key:
+            self.keys.append(data)
+            self._in_key = False
+
+
+def _parse(page: str) -> _Links:
+    p = _Links()
+    p.feed(page)
+    return p
+
+
+def test_gallery_lists_every_image_once_and_works_from_a_local_copy(setup, tmp_path):
+    work, store, model_uri, _ = setup
+    folder = tmp_path / "gallery in"
+    (folder / "sub dir").mkdir(parents=True)
+    good = _good_images(work, 5)
+    for i, (name, data) in enumerate(good):
+        target = folder / "sub dir" if i % 2 else folder
+        (target / f"{name} #{i}.jpg").write_bytes(data)
+    (folder / "broken.jpg").write_bytes(b"not a picture")
+    cfg = DetectConfig(score_threshold=LOW, max_boxes=3, num_shards=2)
+    result = run_detect(store, model_uri, str(folder), cfg, cache_dir=work / "cache")
+    records = _records(store, result)
+    assert len(records) == 6
+    for key in records:
+        assert key == safe_key(key) and "#" not in key and " " not in key
+    # a local copy of the output folder, opened from disk
+    copy = tmp_path / "copy"
+    prefix = _prefix(result)
+    for obj in store.list(prefix):
+        target = copy / obj.key[len(prefix):]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(store.get_bytes(obj.key)[0])
+    page = (copy / "index.html").read_text()
+    links = _parse(page)
+    assert sorted(links.keys) == sorted(records)  # every image, once
+    assert len(links.srcs) == 5 and all(s.startswith("data:image/jpeg;base64,")
+                                        for s in links.srcs)
+    assert "broken" in page and "undecodable" in page
+    for href in links.hrefs:
+        parts = urlsplit(href)
+        assert not parts.scheme and not parts.netloc and not href.startswith("/"), href
+        assert (copy / unquote(parts.path)).is_file(), href
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+
+    # more images than a page holds: every page self-contained, linked, each key once
+    recs = sorted(records.values(), key=lambda r: r["image"])
+    thumbs = {k: annotate.thumbnail_jpeg(Image.new("RGB", (30, 20)), 16) for k in records}
+    names = {d["class_id"]: d["class_name"] for r in recs for d in r.get("detections", [])}
+    pages = gallery_pages(recs, thumbs, annotate.summarize(recs, names), title="t",
+                          page_size=4)
+    assert list(pages) == ["index.html", "gallery-002.html"]
+    seen = []
+    for name, page in pages.items():
+        parsed = _parse(page)
+        seen += parsed.keys
+        others = {n for n in pages if n != name}
+        assert others <= set(parsed.hrefs)
+    assert sorted(seen) == sorted(records)
+
+
+def test_corrupt_inputs_are_reported_and_the_shards_commit(setup, served, tmp_path):
+    work, store, model_uri, _ = setup
+    model, labels = served
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = _good_images(work, 3)
+    for name, data in good:
+        (folder / f"{name}.jpg").write_bytes(data)
+    png = io.BytesIO()
+    Image.open(io.BytesIO(good[0][1])).save(png, "PNG")
+    (folder / "as_png.PNG").write_bytes(png.getvalue())
+    (folder / "truncated.jpg").write_bytes(good[1][1][: len(good[1][1]) // 2])
+    (folder / "text.jpg").write_bytes(b"this is a text file, not a JPEG\n")
+    (folder / "empty.jpeg").write_bytes(b"")
+    (folder / "notes.txt").write_text("not listed: not an image extension")
+    cfg = DetectConfig(score_threshold=LOW, max_boxes=4, num_shards=2, batch_size=3)
+    result = run_detect(store, model_uri, str(folder), cfg, cache_dir=work / "cache")
+    records = _records(store, result)
+    assert sorted(records) == sorted([n for n, _ in good] + ["as_png", "truncated", "text",
+                                                              "empty"])
+    errors = {k: r["error"] for k, r in records.items() if "error" in r}
+    assert set(errors) == {"truncated", "text", "empty"}
+    assert "Invalid JPEG data" in errors["truncated"]
+    assert "Unknown image file format" in errors["text"]
+    assert "empty" in errors["empty"].lower()
+    assert all(e.startswith("undecodable: ") for e in errors.values())
+    for name, data in good:
+        _check_record(records[name], model, labels, data, cfg)
+    _check_record(records["as_png"], model, labels, png.getvalue(), cfg)
+    summary = json.loads(store.read_text(_prefix(result) + "summary.json"))
+    assert summary["failed"] == 3 and summary["failure_reasons"] == {"undecodable": 3}
+    assert {f["image"] for f in summary["failures"]} == set(errors)
+    assert result.outputs["failed"] == 3 and result.outputs["images"] == 7
+    csv = store.read_text(_prefix(result) + "detections.csv")
+    assert "Invalid JPEG data" in csv
+
+
+def test_same_sized_batches_use_the_uint8_signature_with_the_same_results(setup, served,
+                                                                          tmp_path, caplog):
+    work, store, model_uri, _ = setup
+    model, labels = served
+    name, data = _good_images(work, 1)[0]
+    image = Image.open(io.BytesIO(data))
+    folder = tmp_path / "same"
+    folder.mkdir()
+    variants = {"a": data}
+    for i, angle in enumerate((180,)):
+        buf = io.BytesIO()
+        image.rotate(angle).save(buf, "JPEG", quality=92)
+        variants[f"b{i}"] = buf.getvalue()
+    for key, blob in variants.items():
+        (folder / f"{key}.jpg").write_bytes(blob)
+    cfg = DetectConfig(score_threshold=LOW, max_boxes=4, num_shards=1, batch_size=8)
+    with caplog.at_level("INFO", logger="petdet_tasks.detect"):
+        result = run_detect(store, model_uri, str(folder), cfg, cache_dir=work / "cache")
+    assert "1 uint8 + 0 encoded batches" in caplog.text
+    records = _records(store, result)
+    for key, blob in variants.items():
+        _check_record(records[key], model, labels, blob, cfg)
+
+
+class _Counting:
+    """Counts the writes a store receives (keys of put_bytes / put_file)."""
+
+    def __init__(self, store: Store, monkeypatch):
+        self.keys: list[str] = []
+        for name in ("put_bytes", "put_file"):
+            orig = getattr(store, name)
+
+            def wrapped(key, *a, _orig=orig, **kw):
+                self.keys.append(key)
+                return _orig(key, *a, **kw)
+
+            monkeypatch.setattr(store, name, wrapped)
+
+
+def _idempotency(store: Store, model_uri: str, images: str, work: Path, monkeypatch) -> None:
+    cfg = DetectConfig(score_threshold=LOW, max_boxes=2, num_shards=3, batch_size=2)
+    p = plan(store, model_uri, images, cfg)
+    assert not p.cache_hit and p.groups(2) == [[0, 2], [1]]
+    first = run_shards(store, p, [0, 1, 2], cfg, cache_dir=work / "cache")
+    assert [r["shard"] for r in first] == [0, 1, 2]
+    assert sum(len(r["records"]) for r in first) == len(p.items)
+    assert all("thumbnails" not in r for r in first)
+    before = {o.key: o.size for o in store.list(p.prefix)}
+
+    counting = _Counting(store, monkeypatch)
+    again = run_shards(store, p, [0, 1, 2], cfg, cache_dir=work / "cache")
+    assert counting.keys == [], "a finished shard wrote again"
+    assert again == first
+    assert {o.key: o.size for o in store.list(p.prefix)} == before
+
+    # a lost part report: only that shard is written again, to the same keys
+    store.delete(part_key(p, 1))
+    redo = run_shards(store, p, [1], cfg, cache_dir=work / "cache")
+    shard1 = {it.key for it in p.shard_items(1)}
+    assert shard1 and counting.keys
+    for key in counting.keys:
+        rel = key[len(p.prefix):]
+        assert rel == "_parts/shard-00001.json" or rel.split("/", 1)[1].rsplit(".", 1)[0] \
+            in shard1, rel
+    assert redo[0]["records"] == first[1]["records"]
+    assert {o.key: o.size for o in store.list(p.prefix)}.keys() == before.keys()
+
+    counting.keys.clear()
+    result = gather(store, p, cfg)
+    assert not result.cache_hit and result.outputs["images"] == len(p.items)
+    assert all(k.startswith(p.prefix) for k in counting.keys)
+    assert not any("/images/" in k or "/annotated/" in k for k in counting.keys)
+
+    counting.keys.clear()
+    hit = run_detect(store, model_uri, images, cfg, cache_dir=work / "cache")
+    assert hit.cache_hit and hit.fingerprint == p.fingerprint
+    assert counting.keys == []
+    assert plan(store, model_uri, images, cfg).cache_hit
+    assert run_shards(store, plan(store, model_uri, images, cfg), [0], cfg) == []
+
+    # batch size is speed only; the threshold (and the others) change the outputs
+    faster = DetectConfig(score_threshold=LOW, max_boxes=2, num_shards=3, batch_size=8)
+    assert plan(store, model_uri, images, faster).fingerprint == p.fingerprint
+    for changed in (DetectConfig(score_threshold=0.3, max_boxes=2, num_shards=3),
+                    DetectConfig(score_threshold=LOW, max_boxes=3, num_shards=3),
+                    DetectConfig(score_threshold=LOW, max_boxes=2, num_shards=2),
+                    DetectConfig(score_threshold=LOW, max_boxes=2, num_shards=3,
+                                 thumbnail_size=120)):
+        assert plan(store, model_uri, images, changed).fingerprint != p.fingerprint
+    with pytest.raises(ValueError, match="not the one the plan was made with"):
+        gather(store, p, DetectConfig(score_threshold=0.3, max_boxes=2, num_shards=3))
+
+
+def test_idempotent_on_a_local_folder(setup, tmp_path, monkeypatch):
+    work, store, model_uri, _ = setup
+    folder = tmp_path / "idem"
+    folder.mkdir()
+    for name, data in _good_images(work, 5):
+        (folder / f"{name}.jpg").write_bytes(data)
+    _idempotency(store, model_uri, str(folder), work, monkeypatch)
+    # a changed input is a new listing: another fingerprint
+    cfg = DetectConfig(score_threshold=LOW, max_boxes=2, num_shards=3, batch_size=2)
+    fp = plan(store, model_uri, str(folder), cfg).fingerprint
+    first = sorted(folder.iterdir())[0]
+    first.write_bytes(first.read_bytes() + b"\0")
+    assert plan(store, model_uri, str(folder), cfg).fingerprint != fp
+
+
+def _copy_output(src: Store, dst: Store, uri: str) -> str:
+    result = load_output(src, uri)
+    prefix = step_prefix(result.step, result.fingerprint)
+    for rel in result.manifest["files"]:
+        dst.put_bytes(prefix + rel, src.get_bytes(prefix + rel)[0])
+    dst.put_bytes(prefix + "_MANIFEST.json", src.get_bytes(prefix + "_MANIFEST.json")[0])
+    return dst.uri(prefix.rstrip("/"))
+
+
+@pytest.mark.s3
+def test_s3_store_prefix_input_gallery_and_idempotency(setup, seaweed, s3_client, served,
+                                                       monkeypatch):
+    work, local, model_uri, _ = setup
+    model, labels = served
+    s3 = S3Store(f"s3://{seaweed.bucket}/t-{uuid.uuid4().hex[:12]}", client=s3_client)
+    s3_model = _copy_output(local, s3, model_uri)
+    good = _good_images(work, 4)
+    for name, data in good:
+        s3.put_bytes(f"inputs/pets/{name}.jpg", data)
+    s3.put_bytes("inputs/pets/corrupt.jpg", good[0][1][:300])
+    s3.put_bytes("inputs/pets/readme.md", b"# not an image")
+    cfg = DetectConfig(score_threshold=LOW, max_boxes=3, num_shards=2)
+    result = run_detect(s3, s3_model, s3.uri("inputs/pets"), cfg, cache_dir=work / "cache")
+    records = _records(s3, result)
+    assert sorted(records) == sorted([n for n, _ in good] + ["corrupt"])
+    assert records["corrupt"]["error"].startswith("undecodable: ")
+    for name, data in good:
+        assert records[name]["source"] == f"inputs/pets/{name}.jpg"
+        _check_record(records[name], model, labels, data, cfg)
+    page = s3.read_text(_prefix(result) + "index.html")
+    assert sorted(_parse(page).keys) == sorted(records)
+    again = run_detect(s3, s3_model, "inputs/pets", cfg, cache_dir=work / "cache")
+    assert again.cache_hit and again.fingerprint == result.fingerprint
+    # the shard protocol on S3 (ETag listing digest, skip, redo one shard)
+    _idempotency(s3, s3_model, "inputs/pets/", work, monkeypatch)
+
+
+def test_config_from_dict_and_validation():
+    cfg = DetectConfig.from_dict({"score_threshold": "0.3", "max_boxes": "7",
+                                  "batch_size": 4.0, "num_shards": "", "thumbnail_size": None})
+    assert cfg == DetectConfig(score_threshold=0.3, max_boxes=7, batch_size=4)
+    assert DetectConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown detect config keys"):
+        DetectConfig.from_dict({"threshold": 0.2})
+    with pytest.raises(ValueError, match="score_threshold"):
+        DetectConfig(score_threshold=1.5).validate()
+    with pytest.raises(ValueError, match="max_boxes"):
+        DetectConfig.from_dict({"max_boxes": "2.5"})
+    assert safe_key("a b/ç#1.JPG") == "a_b/_1"
+    assert safe_key("../.hidden.png") == "_/hidden"
+
+
+def test_dag_side_imports_no_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys, petdet_tasks.detect as d; d.DetectConfig(); "
+            "assert 'tensorflow' not in sys.modules, 'detect imported TF'")
+    subprocess.run([sys.executable, "-c", code], check=True)
