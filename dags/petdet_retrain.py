@@ -285,16 +285,19 @@ with DAG(
         execution_timeout=timedelta(minutes=10),
         **detect_args,
     )
+    # the shards and the gather run the model the plan chose, even if production changes
+    planned = {**detect_args,
+               "model_uri": "{{ ti.xcom_pull(task_ids='detect_plan', key='plan')['model_uri'] }}"}
     detect_shards = DetectShardsOperator.partial(
         task_id="detect_shards",
         execution_timeout=timedelta(hours=2),
-        **detect_args,
+        **planned,
     ).expand(units=detect_plan.output)
     detect_gather = DetectGatherOperator(
         task_id="detect_gather",
         execution_timeout=timedelta(minutes=30),
         doc_md="Merge the shards; the gallery is `index.html` in the output prefix.",
-        **detect_args,
+        **planned,
     )
 
     download >> plan >> shards >> gather >> train >> export >> evaluate >> promote

@@ -82,6 +82,18 @@ def _cmd_promote(args) -> dict:
                              margin=args.margin, run_id=args.run_id)
 
 
+def _cmd_detect(args) -> dict:
+    from petdet_tasks.detect import DetectConfig, detect
+
+    cfg = DetectConfig(score_threshold=args.score_threshold, max_boxes=args.max_boxes,
+                       batch_size=args.batch_size, num_shards=args.shards,
+                       thumbnail_size=args.thumbnail_size)
+    result = detect(_store(args.store), args.model, args.images, cfg, cache_dir=args.cache_dir,
+                    force=args.force)
+    logging.getLogger("petdet").info("gallery: %s/index.html", result.uri)
+    return result.to_xcom()
+
+
 def _cmd_config_from_pipeline(args) -> int:
     from petdet_tasks.pipeline_config import main_from_pipeline
 
@@ -183,6 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="promote only when better than production by at least this much")
     o.add_argument("--run-id", default=None, help="recorded with the decision")
     o.set_defaults(func=_cmd_promote)
+
+    x = sub.add_parser("detect", help="run a model over images: JSON, annotated JPEGs, gallery")
+    x.add_argument("--store", required=True, help="s3://bucket/prefix or a local directory")
+    x.add_argument("--model", default=None,
+                   help="the export step's output URI (default: the production model)")
+    x.add_argument("--images", default=None,
+                   help="store prefix or local folder of JPEG/PNG images (default: the test "
+                   "split of the dataset the model was trained on)")
+    x.add_argument("--score-threshold", type=float, default=0.5)
+    x.add_argument("--max-boxes", type=int, default=20, help="per image")
+    x.add_argument("--batch-size", type=int, default=8)
+    x.add_argument("--shards", type=int, default=4)
+    x.add_argument("--thumbnail-size", type=int, default=240, help="gallery thumbnails, px")
+    x.add_argument("--cache-dir", default=None, help="local cache (default ~/.cache/petdet)")
+    x.add_argument("--force", action="store_true", help="detect again even if complete")
+    x.set_defaults(func=_cmd_detect)
 
     c = sub.add_parser("config", help="training config tools")
     csub = c.add_subparsers(dest="config_command", required=True, metavar="TOOL")

@@ -79,7 +79,8 @@ def test_dag_test_runs_the_pipeline_into_s3_then_hits_the_cache(airflow_db, seaw
         conf = {"source": server.url, "store_root": root, "aws_conn_id": aws_connection,
                 "classes": "present", "max_quarantine_fraction": 0.05, "shards": 2,
                 "shard_tasks": 2, "preset": str(tiny_preset), "num_steps": 4,
-                "checkpoint_every_n": 2, "image_size": 64, "batch_size": 4}
+                "checkpoint_every_n": 2, "image_size": 64, "batch_size": 4,
+                "detect_shards": 2, "detect_tasks": 2, "detection_score_threshold": 0.05}
         run1 = dag.test(run_conf=conf)
         assert run1.state == "success"
         archive_gets = [r for r in server.requests if r.path.endswith(".tar.gz")]
@@ -107,6 +108,28 @@ def test_dag_test_runs_the_pipeline_into_s3_then_hits_the_cache(airflow_db, seaw
         assert trained["uri"] == f"{root}/training/{trained['fingerprint']}"
         assert read_manifest(store, f"training/{trained['fingerprint']}/") is not None
 
+        model = _xcom(run1, "export")
+        assert model["cache_hit"] is False and model["parity_checks"] == 5
+        assert model["uri"] == f"{root}/models/{model['fingerprint']}"
+        evaluation = _xcom(run1, "evaluate")
+        assert evaluation["model_uri"] == model["uri"] and 0 <= evaluation["mAP"] <= 1
+        decision = _xcom(run1, "promote")
+        assert decision["promoted"] is True and decision["production"] is None
+        assert _xcom(run1, "promote", key="decision") == decision
+        pointer = json.loads(store.read_text("registry/production.json"))
+        assert pointer["model_uri"] == model["uri"]
+        assert pointer["evaluation_uri"] == evaluation["uri"]
+        assert _xcom(run1, "detect_plan", key="plan")["model_uri"] == model["uri"]
+        detected = _xcom(run1, "detect_gather")
+        assert detected["cache_hit"] is False
+        assert detected["images"] == summary["test"]
+        prefix = f"detections/{detected['fingerprint']}/"
+        page = store.read_text(prefix + "index.html")
+        jsons = [o.key for o in store.list(prefix + "images/")]
+        assert len(jsons) == summary["test"]
+        for key in jsons:  # every image has a card in the gallery
+            assert key[len(prefix + "images/"):-len(".json")] in page
+
         n = len(server.requests)
         run2 = dag.test(run_conf=conf)
         assert run2.state == "success"
@@ -115,6 +138,22 @@ def test_dag_test_runs_the_pipeline_into_s3_then_hits_the_cache(airflow_db, seaw
         assert not [r for r in server.requests[n:] if r.path.endswith(".tar.gz")]
         assert _xcom(run2, "tfrecords_gather")["cache_hit"] is True
         assert _xcom(run2, "train")["cache_hit"] is True
+        for task_id in ("export", "evaluate", "detect_gather"):
+            assert _xcom(run2, task_id)["cache_hit"] is True, task_id
+        assert "already in production" in _xcom(run2, "promote")["reason"]
+
+        # a new model that must beat production by 1.0 mAP: not promoted, and with
+        # skip_detection_if_not_promoted the run ends at promote
+        run3 = dag.test(run_conf={**conf, "num_steps": 6, "promotion_margin": 1.0,
+                                  "skip_detection_if_not_promoted": True})
+        assert run3.state == "success"
+        states = {ti.task_id: ti.state for ti in run3.get_task_instances()}
+        assert states["evaluate"] == "success" and states["promote"] == "skipped"
+        assert states["detect_plan"] == "skipped" and states["detect_gather"] == "skipped"
+        decision3 = _xcom(run3, "promote", key="decision")
+        assert decision3["promoted"] is False
+        assert decision3["reason"].startswith("not promoted")
+        assert json.loads(store.read_text("registry/production.json")) == pointer
 
     # the secret never reaches a log line or XCom
     captured = capfd.readouterr()

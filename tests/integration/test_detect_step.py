@@ -563,3 +563,27 @@ def test_dag_side_imports_no_tensorflow():
     code = ("import sys, petdet_tasks.detect as d; d.DetectConfig(); "
             "assert 'tensorflow' not in sys.modules, 'detect imported TF'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_detect_on_a_local_folder(setup, tmp_path):
+    import subprocess
+    import sys
+
+    work, store, model_uri, _ = setup
+    folder = tmp_path / "cli-in"
+    folder.mkdir()
+    for name, data in _good_images(work, 2):
+        (folder / f"{name}.jpg").write_bytes(data)
+    out = subprocess.run([sys.executable, "-m", "petdet_tasks", "detect", "--store", store.root,
+                          "--model", model_uri, "--images", str(folder), "--shards", "1",
+                          "--score-threshold", str(LOW), "--cache-dir", str(work / "cache")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["step"] == "detect" and result["images"] == 2 and result["failed"] == 0
+    assert f"gallery: {result['uri']}/index.html" in out.stderr
+    assert store.exists(_prefix_of(result["uri"], store) + "index.html")
+
+
+def _prefix_of(uri: str, store) -> str:
+    return uri[len(store.root.rstrip("/")) + 1:].rstrip("/") + "/"
