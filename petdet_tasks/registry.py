@@ -71,12 +71,9 @@ def _number(value: Any) -> float | None:
 
 
 def _fmt(x: float) -> str:
-    """Short, readable form of a metric value that still tells close values apart."""
-    for digits in (4, 6, 9):
-        s = f"{x:.{digits}g}"
-        if math.isclose(float(s), x, rel_tol=1e-9, abs_tol=1e-12):
-            return s
-    return repr(x)
+    """A metric value as people read it (4 significant digits); the exact values are in the
+    decision's JSON."""
+    return f"{x:.4g}"
 
 
 def _pointer_uri(store: Store) -> str:
