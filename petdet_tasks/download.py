@@ -36,7 +36,7 @@ from petdet_tasks.fetch import (
     read_text,
     redact_url,
 )
-from petdet_tasks.layout import fingerprint
+from petdet_tasks.layout import cache_root, fingerprint
 from petdet_tasks.manifest import StepResult, StepWriter, run_step
 from petdet_tasks.safe_tar import safe_extract
 from petdet_tasks.store import Store, sha256_file
@@ -83,8 +83,7 @@ class DownloadConfig:
     upload_workers: int = 8
 
     def resolved_cache_dir(self) -> Path:
-        base = self.cache_dir or os.environ.get("PETDET_CACHE_DIR") or "~/.cache/petdet"
-        return Path(base).expanduser() / "downloads"
+        return cache_root(self.cache_dir) / "downloads"
 
 
 def _norm(base: str) -> str:

@@ -28,7 +28,7 @@ import os
 import time
 from pathlib import Path
 
-from petdet_tasks.layout import fingerprint, step_prefix
+from petdet_tasks.layout import cache_root, fingerprint, step_prefix
 from petdet_tasks.manifest import StepResult, StepWriter, load_output, run_step
 from petdet_tasks.store import Store
 
@@ -55,11 +55,6 @@ class EvalConfig:
         return {"split": self.split}  # the batch size does not change the numbers
 
 
-def _cache_root(cache_dir) -> Path:
-    base = cache_dir or os.environ.get("PETDET_CACHE_DIR") or "~/.cache/petdet"
-    return Path(base).expanduser()
-
-
 def evaluate(store: Store, model_uri: str, tfrecords_uri: str, cfg: EvalConfig | None = None, *,
              cache_dir=None, run_id: str | None = None, force: bool = False) -> StepResult:
     """Run (or find cached) the evaluation; see the module doc."""
@@ -68,7 +63,7 @@ def evaluate(store: Store, model_uri: str, tfrecords_uri: str, cfg: EvalConfig |
     records = load_output(store, tfrecords_uri, expect_step="tfrecords")
     inputs = {"model": model.fingerprint, "tfrecords": records.fingerprint}
     fp = fingerprint(STEP, SCHEMA_VERSION, inputs, cfg.fingerprint_fields())
-    cache = _cache_root(cache_dir)
+    cache = cache_root(cache_dir)
 
     def body(writer: StepWriter) -> dict:
         return _evaluate_body(store, writer, model, records, cfg, cache)

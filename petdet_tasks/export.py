@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from petdet_tasks.layout import fingerprint, step_prefix
+from petdet_tasks.layout import cache_root, fingerprint, step_prefix
 from petdet_tasks.manifest import StepResult, StepWriter, fetch_tree, load_output, run_step
 from petdet_tasks.store import Store
 
@@ -520,11 +520,6 @@ def _iou(a, b) -> float:
 # The step
 # ---------------------------------------------------------------------------------------------
 
-def _cache_root(cache_dir) -> Path:
-    base = cache_dir or os.environ.get("PETDET_CACHE_DIR") or "~/.cache/petdet"
-    return Path(base).expanduser()
-
-
 def export(store: Store, training_uri: str, cfg: ExportConfig | None = None, *,
            cache_dir=None, run_id: str | None = None, force: bool = False) -> StepResult:
     """Run (or find cached) the export step; see the module doc."""
@@ -532,7 +527,7 @@ def export(store: Store, training_uri: str, cfg: ExportConfig | None = None, *,
     training = load_output(store, training_uri, expect_step="train")
     inputs = {"training": training.fingerprint}
     fp = fingerprint(STEP, SCHEMA_VERSION, inputs, cfg.to_dict())
-    cache = _cache_root(cache_dir)
+    cache = cache_root(cache_dir)
 
     def body(writer: StepWriter) -> dict:
         return _export_body(store, writer, training, cfg, cache / "export" / fp)
@@ -622,7 +617,7 @@ def load_exported(store: Store, model_uri: str, cache_dir=None):
     from petdet_tasks.label_map import parse_label_map
 
     result = load_output(store, model_uri, expect_step="export")
-    local = _cache_root(cache_dir) / "models" / result.fingerprint
+    local = cache_root(cache_dir) / "models" / result.fingerprint
     fetch_tree(store, result, "saved_model/", local / "saved_model")
     prefix = step_prefix("export", result.fingerprint)
     labels = parse_label_map(store.read_text(prefix + "label_map.pbtxt"),

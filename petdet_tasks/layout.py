@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 MANIFEST = "_MANIFEST.json"
@@ -80,3 +82,10 @@ def split_output_uri(uri: str) -> tuple[str, str, str]:
         )
     step_prefix(steps[folder], fp)  # validates the fingerprint
     return root, steps[folder], fp
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The worker-local cache (staged shards, presets, models): ``cache_dir``, else
+    ``$PETDET_CACHE_DIR``, else ``~/.cache/petdet``. Scratch only: the store holds the truth."""
+    base = cache_dir or os.environ.get("PETDET_CACHE_DIR") or "~/.cache/petdet"
+    return Path(base).expanduser()

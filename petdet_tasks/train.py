@@ -34,7 +34,7 @@ import shutil
 import time
 from pathlib import Path
 
-from petdet_tasks.layout import fingerprint, step_prefix
+from petdet_tasks.layout import cache_root, fingerprint, step_prefix
 from petdet_tasks.manifest import StepResult, StepWriter, load_output, run_step
 from petdet_tasks.store import NotFound, Store, sha256_file
 from petdet_tasks.train_config import TrainConfig
@@ -46,11 +46,6 @@ SCHEMA_VERSION = 1
 CHECKPOINTS = "checkpoints/"
 KEEP_CHECKPOINTS = 2
 LEASE_TTL_S = float(os.environ.get("PETDET_TRAIN_LEASE_TTL_S", "120"))
-
-
-def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    base = cache_dir or os.environ.get("PETDET_CACHE_DIR") or "~/.cache/petdet"
-    return Path(base).expanduser()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +297,7 @@ def train(store: Store, tfrecords_uri: str, cfg: TrainConfig, *, cache_dir=None,
     records = load_output(store, tfrecords_uri, expect_step="tfrecords")
     inputs = {"tfrecords": records.fingerprint, "preset": preset_identity(store, cfg.preset)}
     fp = fingerprint(STEP, SCHEMA_VERSION, inputs, cfg.fingerprint_fields())
-    cache = _cache_root(cache_dir)
+    cache = cache_root(cache_dir)
 
     def body(writer: StepWriter) -> dict:
         return _train_body(store, writer, records, cfg, cache, fp)
