@@ -45,7 +45,6 @@ import json
 import logging
 import math
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -61,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks.machine_load import Meter, fmt_load, wait_quiet  # noqa: E402
 from petdet_tasks import annotate  # noqa: E402
 from petdet_tasks import detect as det  # noqa: E402
 from petdet_tasks.breeds import BREEDS  # noqa: E402
@@ -71,57 +71,6 @@ from petdet_tasks.store import LocalStore  # noqa: E402
 OXFORD_SIZES = ((500, 375), (375, 500), (500, 333), (333, 500), (500, 400), (400, 500),
                 (500, 500), (500, 353), (500, 281), (300, 225))
 OXFORD_WEIGHTS = (0.30, 0.14, 0.14, 0.08, 0.05, 0.04, 0.04, 0.05, 0.04, 0.12)
-
-
-# ---------------------------------------------------------------------------------------------
-# Machine load (a shared 2-core machine)
-# ---------------------------------------------------------------------------------------------
-
-class Meter:
-    """Wall time, this process's CPU time, and the CPU time of everything else on the machine
-    (from /proc/stat), in cores."""
-
-    def __enter__(self) -> Meter:
-        self._t, self._own, self._busy = time.perf_counter(), _own_cpu(), _machine_busy()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.wall = time.perf_counter() - self._t
-        self.own = _own_cpu() - self._own
-        busy = _machine_busy()
-        self.others = (max(0.0, (busy - self._busy - self.own) / self.wall)
-                       if busy is not None and self._busy is not None else None)
-
-
-def _own_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def _machine_busy() -> float | None:
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except OSError:
-        return None
-    return sum(fields[i] for i in (0, 1, 2, 5, 6, 7) if i < len(fields)) / os.sysconf(
-        "SC_CLK_TCK")
-
-
-def wait_quiet(max_wait: float, threshold: float = 0.2) -> float | None:
-    """Wait (up to ``max_wait`` s) until other processes use under ``threshold`` cores over a
-    2 s window; returns the last load seen."""
-    deadline = time.monotonic() + max_wait
-    while True:
-        with Meter() as m:
-            time.sleep(2.0)
-        if m.others is None or m.others < threshold or time.monotonic() >= deadline:
-            return m.others
-        time.sleep(3.0)
-
-
-def _fmt_load(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f} cores"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +173,19 @@ def load_image_into_numpy_array(image: Image.Image) -> np.ndarray:
     return np.array(data).reshape((im_height, im_width, 3)).astype(np.uint8)
 
 
+def plt_write(image: Image.Image, path: Path) -> None:
+    """The tutorial's output: ``plt.figure(figsize=(12, 8)); plt.imshow(image_np)``, saved."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.figure(figsize=(12, 8))
+    plt.imshow(np.asarray(image))
+    plt.savefig(path)
+    plt.close()
+
+
 def time_loop(model, labels, paths: list[Path], out: Path, cfg: det.DetectConfig, *,
               tutorial: bool = True) -> dict:
     """(b): the tutorial's loop, one image at a time, everything in turn: PIL opens the file,
@@ -236,11 +198,6 @@ def time_loop(model, labels, paths: list[Path], out: Path, cfg: det.DetectConfig
     JPEG written by Pillow (what the step itself writes, one image at a time)."""
     from petdet_tasks.export import call_signature
 
-    if tutorial:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     with Meter() as m:
@@ -257,10 +214,7 @@ def time_loop(model, labels, paths: list[Path], out: Path, cfg: det.DetectConfig
                 source=path.name)
             drawn = annotate.draw_detections(Image.fromarray(image), rec)
             if tutorial:
-                plt.figure(figsize=(12, 8))
-                plt.imshow(np.asarray(drawn))
-                plt.savefig(out / f"{path.stem}.jpg")
-                plt.close()
+                plt_write(drawn, out / f"{path.stem}.jpg")
             else:
                 (out / f"{path.stem}.jpg").write_bytes(annotate.encode_jpeg(drawn, 90))
             (out / f"{path.stem}.json").write_text(json.dumps(rec, indent=2, sort_keys=True))
@@ -328,6 +282,8 @@ def stage_costs(model, labels, paths: list[Path], cfg: det.DetectConfig, store: 
         image = clock("tf decode", lambda d=data: tf.io.decode_image(
             d, channels=3, expand_animations=False).numpy())
         clock("PIL decode", lambda d=data: np.asarray(Image.open(io.BytesIO(d)).convert("RGB")))
+        clock("tutorial decode (getdata)", lambda d=data: load_image_into_numpy_array(
+            Image.open(io.BytesIO(d)).convert("RGB")))
         o = clock("model b1 uint8", lambda i=image: call_signature(
             model, "serving_default", i[None]))
         clock("model b1 encoded", lambda d=data: {
@@ -339,6 +295,8 @@ def stage_costs(model, labels, paths: list[Path], cfg: det.DetectConfig, store: 
         drawn = clock("draw", lambda i=image, r=rec: annotate.draw_detections(
             Image.fromarray(i), r))
         jpeg = clock("encode JPEG", lambda d=drawn: annotate.encode_jpeg(d, 90))
+        clock("tutorial plt output", lambda d=drawn, p=path: plt_write(
+            d, store.path / f"plt-{p.stem}.jpg"))
         clock("thumbnail", lambda d=drawn: annotate.thumbnail_jpeg(  # the step's way
             d.reduce(max(1, max(d.size) // cfg.thumbnail_size)), cfg.thumbnail_size, 80))
         clock("put JPEG+JSON", lambda j=jpeg, r=rec, p=path: (
@@ -390,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
         def quiet() -> None:
             if args.wait_quiet > 0:
                 print(f"# other processes' load before timing: "
-                      f"{_fmt_load(wait_quiet(args.wait_quiet))}", flush=True)
+                      f"{fmt_load(wait_quiet(args.wait_quiet))}", flush=True)
 
         # (a) cold: the first run in this process loads the SavedModel, as the CLI does
         quiet()
@@ -428,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{res['phases']['shards']:.2f}s (model {res['model_seconds']:.2f}s), "
                          f"gather {res['phases']['gather']:.2f}s") if name == "a" else ""
                 print(f"#   run {r + 1} ({name}): {res['images_per_s']:.2f} images/s "
-                      f"(other processes: {_fmt_load(res['other_load_cores'])}{extra})",
+                      f"(other processes: {fmt_load(res['other_load_cores'])}{extra})",
                       flush=True)
                 if res["images_per_s"] > runs.get(name, {}).get("images_per_s", 0.0):
                     runs[name] = res
@@ -439,15 +397,15 @@ def main(argv: list[str] | None = None) -> dict:
           f"{ra['phases']['plan']:.2f}s, shards {ra['phases']['shards']:.2f}s of which model "
           f"{ra['model_seconds']:.2f}s, gather {ra['phases']['gather']:.2f}s; batches "
           f"{ra['batches']}; {ra['boxes'] / len(paths):.1f} boxes/image; other processes: "
-          f"{_fmt_load(ra['other_load_cores'])})")
+          f"{fmt_load(ra['other_load_cores'])})")
     b2 = runs["b2"]["images_per_s"]
     print(f"(b) per-image tutorial loop: {b:7.2f} images/s  ({runs['b']['cores_used']:.2f} cores; "
-          f"other processes: {_fmt_load(runs['b']['other_load_cores'])})")
+          f"other processes: {fmt_load(runs['b']['other_load_cores'])})")
     print(f"(b2) the loop modernised:    {b2:7.2f} images/s  (np.asarray decode, Pillow JPEG "
           f"write; {runs['b2']['cores_used']:.2f} cores)")
     print(f"(c) model alone, batch {args.batch_size}:   {c:7.2f} images/s  "
           f"({runs['c']['cores_used']:.2f} cores; other processes: "
-          f"{_fmt_load(runs['c']['other_load_cores'])})")
+          f"{fmt_load(runs['c']['other_load_cores'])})")
     busy = max((r["other_load_cores"] or 0.0) for r in runs.values())
     if busy > 0.25:
         print(f"WARNING: other processes kept {busy:.2f} of {os.cpu_count()} cores busy during "

@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import tensorflow as tf  # noqa: E402
 
+from benchmarks.machine_load import Meter, fmt_load, wait_quiet  # noqa: E402
 from petdet_tasks.download import DownloadConfig, download  # noqa: E402
 from petdet_tasks.sample_data import make_sample  # noqa: E402
 from petdet_tasks.store import LocalStore  # noqa: E402
@@ -71,49 +71,6 @@ def prepare(work: Path, breeds: int, per_breed: int, shards: int) -> tuple[list[
           f"examples in {len(paths)} shards ({sum(p.stat().st_size for p in paths) / 1e6:.1f} "
           f"MB), {len(ids)} classes; prepared in {time.perf_counter() - t:.0f}s", flush=True)
     return paths, ids
-
-
-class Meter:
-    """Wall time, this process's CPU time and the CPU time of everything else on the machine
-    (from /proc/stat): the other processes' load is what makes a parallel pipeline look
-    sequential on a shared 2-core machine, so it is reported beside every figure."""
-
-    def __enter__(self) -> Meter:
-        self._t, self._own, self._busy = time.perf_counter(), _own_cpu(), _machine_busy()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.wall = time.perf_counter() - self._t
-        self.own = _own_cpu() - self._own
-        busy = _machine_busy() - self._busy
-        self.others = max(0.0, (busy - self.own) / self.wall) if busy is not None else None
-
-
-def _own_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def _machine_busy() -> float | None:
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except OSError:
-        return None
-    busy = sum(fields[i] for i in (0, 1, 2, 5, 6, 7) if i < len(fields))
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def wait_quiet(max_wait: float, threshold: float = 0.2) -> float | None:
-    """Wait (up to ``max_wait`` s) until other processes use under ``threshold`` cores over a
-    2 s window; returns the last load seen."""
-    deadline = time.monotonic() + max_wait
-    while True:
-        with Meter() as m:
-            time.sleep(2.0)
-        if m.others is None or m.others < threshold or time.monotonic() >= deadline:
-            return m.others
-        time.sleep(3.0)
 
 
 def time_pipeline(ds: tf.data.Dataset, batches: int, warmup: int, batch_size: int) -> dict:
@@ -196,9 +153,6 @@ def build_detector(num_classes: int, size: int, layout: str):
     return det
 
 
-def _fmt_load(cores: float | None) -> str:
-    return "unknown" if cores is None else f"{cores:.2f} cores busy"
-
 
 def time_training(paths, ids, cfg: InputConfig, layout: str, steps: int, warmup: int) -> dict:
     """``fit`` after a warm-up fit: on the live pipeline, then on one batch held in memory
@@ -249,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         def quiet() -> None:
             if args.wait_quiet > 0:
                 print(f"# other processes' load before timing: "
-                      f"{_fmt_load(wait_quiet(args.wait_quiet))}", flush=True)
+                      f"{fmt_load(wait_quiet(args.wait_quiet))}", flush=True)
 
         quiet()
         costs = stage_costs(paths, ids, cfg, 160)
@@ -267,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
             r = runs[name]
             print(f"({i}) input pipeline, {name + ':':11s} {r['images_per_s']:7.1f} images/s "
                   f"({r['cpu_ms_per_image']:.2f} CPU ms/image, {r['cores_used']:.2f} cores used; "
-                  f"other processes: {_fmt_load(r['other_load_cores'])})", flush=True)
+                  f"other processes: {fmt_load(r['other_load_cores'])})", flush=True)
         par, seq = runs["parallel"]["images_per_s"], runs["sequential"]["images_per_s"]
 
         layouts = ["small"] + (["resnet50"] if args.resnet50 else [])
@@ -279,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"(3) training ({layout}): {r['images_per_s']:8.2f} images/s, "
                   f"{r['step_s']:.2f} s/step (batch {args.batch_size}, {args.image_size} px; "
                   f"{r['step_s_batch_in_memory']:.2f} s/step on a batch held in memory; other "
-                  f"processes: {_fmt_load(r['other_load_cores'])})", flush=True)
+                  f"processes: {fmt_load(r['other_load_cores'])})", flush=True)
 
     r12 = par / seq
     r13 = par / train["small"]["images_per_s"]

@@ -74,19 +74,18 @@ def evaluate(store: Store, model_uri: str, tfrecords_uri: str, cfg: EvalConfig |
 
 def read_examples(paths):
     """``(key, encoded, width, height, boxes [n,4] normalised, labels [n])`` per record, in
-    file order (tf.data parse, no decode: the model decodes)."""
+    file order (tf.data parse with the training input's OD API spec, no decode: the model
+    decodes)."""
     import numpy as np
     import tensorflow as tf
 
-    feats = {
-        "image/encoded": tf.io.FixedLenFeature([], tf.string),
-        "image/filename": tf.io.FixedLenFeature([], tf.string),
-        "image/width": tf.io.FixedLenFeature([], tf.int64),
-        "image/height": tf.io.FixedLenFeature([], tf.int64),
-        "image/object/class/label": tf.io.VarLenFeature(tf.int64),
-        **{f"image/object/bbox/{k}": tf.io.VarLenFeature(tf.float32)
-           for k in ("ymin", "xmin", "ymax", "xmax")},
-    }
+    from petdet_tasks.train_input import _BOX_KEYS, _FEATURES
+
+    feats = {**_FEATURES,
+             "image/filename": tf.io.FixedLenFeature([], tf.string),
+             "image/width": tf.io.FixedLenFeature([], tf.int64),
+             "image/height": tf.io.FixedLenFeature([], tf.int64)}
+
     def parse(serialized):
         f = tf.io.parse_single_example(serialized, feats)
         return {k: tf.sparse.to_dense(v) if isinstance(v, tf.SparseTensor) else v
@@ -95,8 +94,7 @@ def read_examples(paths):
     ds = tf.data.TFRecordDataset([os.fspath(p) for p in paths]).map(
         parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     for f in ds.as_numpy_iterator():
-        boxes = np.stack([f[f"image/object/bbox/{k}"]
-                          for k in ("ymin", "xmin", "ymax", "xmax")], axis=-1).reshape(-1, 4)
+        boxes = np.stack([f[k] for k in _BOX_KEYS], axis=-1).reshape(-1, 4)
         yield (f["image/filename"].decode(), f["image/encoded"], int(f["image/width"]),
                int(f["image/height"]), boxes, f["image/object/class/label"])
 

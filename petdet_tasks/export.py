@@ -378,7 +378,7 @@ def _rows(out: dict, i: int) -> list[tuple[float, float, np.ndarray]]:
              out["detection_boxes"][i, j]) for j in range(n)]
 
 
-def fixture_images(store: Store, records_uri: str | None, seed: int = 0
+def fixture_images(store: Store, records_uri: str | None, cache: Path, seed: int = 0
                    ) -> tuple[np.ndarray, np.ndarray, list[bytes], str]:
     """``(single [1,H,W,3], pair [2,h,w,3] of odd size, encoded [PNG of single, JPEG of a
     third size], description)``. The single image is the first val image of the records
@@ -389,7 +389,7 @@ def fixture_images(store: Store, records_uri: str | None, seed: int = 0
     image = None
     what = "synthetic 375x500"
     if records_uri is not None:
-        image, what = _first_record_image(store, records_uri)
+        image, what = _first_record_image(store, records_uri, cache)
     if image is None:
         yy, xx = np.mgrid[0:375, 0:500]
         image = np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)
@@ -403,30 +403,25 @@ def fixture_images(store: Store, records_uri: str | None, seed: int = 0
     return image[None], pair, [png.getvalue(), jpeg.getvalue()], what
 
 
-def _first_record_image(store: Store, records_uri: str) -> tuple[np.ndarray | None, str]:
-    import tempfile
-
+def _first_record_image(store: Store, records_uri: str, cache: Path
+                        ) -> tuple[np.ndarray | None, str]:
+    """The first val image of the records, read from the shards staged in the worker cache
+    (where the evaluation finds them again)."""
     from PIL import Image
 
     from petdet_tasks.tfexample import decode_example, read_tfrecords
+    from petdet_tasks.train_input import stage_shards
 
     try:
-        records = load_output(store, records_uri, expect_step="tfrecords")
+        paths = stage_shards(store, records_uri, "val", cache / "tfrecords")
     except Exception as e:  # noqa: BLE001 - the records are optional for the check
         log.warning("no fixture image from %s (%s): using a synthetic one", records_uri, e)
         return None, ""
-    shards = sorted(rel for rel, e in records.manifest.get("files", {}).items()
-                    if rel.startswith("val-") and e["size"] > 0)
-    prefix = step_prefix("tfrecords", records.fingerprint)
-    for rel in shards:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / rel
-            store.download_file(prefix + rel, local,
-                                sha256=records.manifest["files"][rel]["sha256"])
-            for data in read_tfrecords(local):
-                ex = decode_example(data)
-                img = Image.open(io.BytesIO(ex["image/encoded"][0])).convert("RGB")
-                return np.asarray(img), f"{rel}: {ex['image/filename'][0].decode()}"
+    for path in paths:
+        for data in read_tfrecords(path):
+            ex = decode_example(data)
+            img = Image.open(io.BytesIO(ex["image/encoded"][0])).convert("RGB")
+            return np.asarray(img), f"{path.name}: {ex['image/filename'][0].decode()}"
     return None, ""
 
 
@@ -538,14 +533,14 @@ def export(store: Store, training_uri: str, cfg: ExportConfig | None = None, *,
     cache = cache_root(cache_dir)
 
     def body(writer: StepWriter) -> dict:
-        return _export_body(store, writer, training, cfg, cache / "export" / fp)
+        return _export_body(store, writer, training, cfg, cache, cache / "export" / fp)
 
     return run_step(store, STEP, SCHEMA_VERSION, inputs=inputs, config=cfg.to_dict(),
                     body=body, force=force, fp=fp, run_id=run_id)
 
 
 def _export_body(store: Store, writer: StepWriter, training: StepResult, cfg: ExportConfig,
-                 work: Path) -> dict:
+                 cache: Path, work: Path) -> dict:
     import keras
 
     from petdet_tasks.label_map import parse_label_map
@@ -576,7 +571,7 @@ def _export_body(store: Store, writer: StepWriter, training: StepResult, cfg: Ex
     frozen_path = work / FROZEN_GRAPH
     frozen_bytes = write_frozen_graph(fns, frozen_path)
     parity = verify_export(fns, saved_model_dir, frozen_path,
-                           fixture_images(store, records_uri))
+                           fixture_images(store, records_uri, cache))
 
     pipeline = {
         "training_uri": training.uri,

@@ -33,17 +33,12 @@ from petdet_tasks.detect import (
     safe_key,
 )
 from petdet_tasks.detect import detect as run_detect
-from petdet_tasks.detector import make_preset
-from petdet_tasks.download import DownloadConfig, download
 from petdet_tasks.export import export, load_exported
 from petdet_tasks.layout import step_prefix
 from petdet_tasks.manifest import load_output
 from petdet_tasks.registry import promote
-from petdet_tasks.sample_data import make_sample
 from petdet_tasks.store import LocalStore, S3Store, Store
-from petdet_tasks.tfrecords import TFRecordConfig, build
-from petdet_tasks.train import train
-from petdet_tasks.train_config import LRSchedule, TrainConfig
+from tests.support.pipeline import build_trained
 
 pytestmark = pytest.mark.slow
 SIZE = 96
@@ -54,19 +49,9 @@ LOW = 0.05  # the export's own floor: every image gets detections from this weak
 def setup(tmp_path_factory):
     """(work dir, local store, model URI, sample summary): a committed export."""
     work = tmp_path_factory.mktemp("detect")
-    summary = make_sample(work / "sample", breeds=6, per_breed=12, seed=0)
-    store = LocalStore(work / "store")
-    dataset = download(store, DownloadConfig(source=str(work / "sample"),
-                                             cache_dir=str(work / "cache"))).uri
-    records = build(store, dataset, TFRecordConfig(num_shards=1, classes="present",
-                                                   max_quarantine_fraction=0.2), workers=1)
-    preset = make_preset(work / "preset", num_classes=5, image_size=SIZE, train_steps=1)
-    cfg = TrainConfig(image_size=SIZE, batch_size=8, num_steps=30, checkpoint_every_n=1000,
-                      log_every_n=10, preset=str(preset), optimizer="sgd",
-                      learning_rate=LRSchedule(kind="constant", initial_learning_rate=0.004))
-    training = train(store, records.uri, cfg, cache_dir=work / "cache")
-    model = export(store, training.uri, cache_dir=work / "cache")
-    return work, store, model.uri, summary
+    trained = build_trained(LocalStore(work / "store"), work, image_size=SIZE)
+    model = export(trained.store, trained.training.uri, cache_dir=work / "cache")
+    return work, trained.store, model.uri, trained.sample
 
 
 @pytest.fixture(scope="module")

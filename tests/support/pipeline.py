@@ -13,6 +13,7 @@ from petdet_tasks.store import Store
 class Trained:
     work: Path
     store: Store
+    sample: dict  # make_sample's summary
     dataset: StepResult
     records: StepResult
     training: StepResult
@@ -28,7 +29,7 @@ def build_trained(store: Store, work: Path, *, breeds: int = 6, per_breed: int =
     from petdet_tasks.train import train
     from petdet_tasks.train_config import LRSchedule, TrainConfig
 
-    make_sample(work / "sample", breeds=breeds, per_breed=per_breed, seed=0)
+    sample = make_sample(work / "sample", breeds=breeds, per_breed=per_breed, seed=0)
     dataset = download(store, DownloadConfig(source=str(work / "sample"),
                                              cache_dir=str(work / "cache")))
     records = build(store, dataset.uri, TFRecordConfig(num_shards=2, classes="present",
@@ -39,4 +40,4 @@ def build_trained(store: Store, work: Path, *, breeds: int = 6, per_breed: int =
                       optimizer="sgd", learning_rate=LRSchedule(kind="constant",
                                                                 initial_learning_rate=0.004))
     training = train(store, records.uri, cfg, cache_dir=work / "cache")
-    return Trained(work, store, dataset, records, training)
+    return Trained(work, store, sample, dataset, records, training)
