@@ -268,6 +268,55 @@ def test_tensorflow_reads_and_parses_our_records(tmp_path):
     assert parsed[1]["image/object/class/label"].values.numpy().tolist() == []
 
 
+def test_tfrecord_writer_batches_writes_and_resumes_short_writes(tmp_path, monkeypatch):
+    """Records are handed to the kernel in writev batches (at most IOV_MAX buffers a call);
+    a short write resumes mid-buffer; the file is byte-identical to TensorFlow's either way."""
+    import petdet_tasks.tfexample as tfexample
+
+    records = [bytes([i % 251]) * (i % 97) for i in range(1500)]  # 4500 buffers, some empty
+    with tf.io.TFRecordWriter(str(tmp_path / "tf.tfrecord")) as tf_writer:
+        for record in records:
+            tf_writer.write(record)
+    expected = (tmp_path / "tf.tfrecord").read_bytes()
+
+    calls = []
+    real_writev = os.writev
+
+    def short_writev(fd, buffers):  # at most 1000 bytes per call, like a congested disk
+        calls.append(len(buffers))
+        assert len(buffers) <= tfexample._IOV_MAX
+        data = b"".join(bytes(b) for b in buffers)[:1000]
+        return real_writev(fd, [data]) if data else 0
+
+    monkeypatch.setattr(tfexample.os, "writev", short_writev)
+    with TFRecordWriter(tmp_path / "short.tfrecord", flush_bytes=1 << 30) as writer:
+        for record in records:
+            writer.write(record)
+        assert calls == []  # nothing written before a flush
+        writer.flush()
+        assert (tmp_path / "short.tfrecord").read_bytes() == expected
+    assert len(calls) >= len(expected) // 1000
+    monkeypatch.setattr(tfexample.os, "writev", real_writev)
+
+    calls.clear()
+    with TFRecordWriter(tmp_path / "small.tfrecord", flush_bytes=4096) as writer:
+        for record in records:
+            writer.write(record)
+    assert (tmp_path / "small.tfrecord").read_bytes() == expected
+    assert writer.bytes == len(expected) and writer.records == len(records)
+
+
+def test_tfrecord_writer_stuck_writev_raises(tmp_path, monkeypatch):
+    import petdet_tasks.tfexample as tfexample
+
+    monkeypatch.setattr(tfexample.os, "writev", lambda fd, buffers: 0)
+    writer = TFRecordWriter(tmp_path / "stuck.tfrecord")
+    writer.write(b"record")
+    with pytest.raises(OSError, match="wrote nothing"):
+        writer.close()
+    assert writer.closed
+
+
 def _write(path, records):
     with TFRecordWriter(path) as writer:
         for record in records:
