@@ -107,8 +107,7 @@ def _cmd_seaweedfs(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from petdet_tasks.download import OFFICIAL_BASE
-    from petdet_tasks.sample_data import DEFAULT_BREEDS, DEFAULT_PER_BREED, DEFAULT_SEED
+    from petdet_tasks.defaults import OFFICIAL_BASE, SAMPLE_BREEDS, SAMPLE_PER_BREED, SAMPLE_SEED
 
     p = argparse.ArgumentParser(prog="python -m petdet_tasks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,9 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample-data", help="write a synthetic dataset in the real archives' layout")
     s.add_argument("out_dir")
-    s.add_argument("--breeds", type=int, default=DEFAULT_BREEDS, help="number of breeds (1..37)")
-    s.add_argument("--per-breed", type=int, default=DEFAULT_PER_BREED, help="images per breed")
-    s.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    s.add_argument("--breeds", type=int, default=SAMPLE_BREEDS, help="number of breeds (1..37)")
+    s.add_argument("--per-breed", type=int, default=SAMPLE_PER_BREED, help="images per breed")
+    s.add_argument("--seed", type=int, default=SAMPLE_SEED)
     s.set_defaults(func=_cmd_sample_data)
 
     d = sub.add_parser("download", help="fetch + verify + extract the archives into the store")

@@ -28,6 +28,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from petdet_tasks.defaults import OFFICIAL_BASE
 from petdet_tasks.fetch import (
     FetchError,
     fetch,
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 STEP = "download"
 SCHEMA_VERSION = 1
 
-OFFICIAL_BASE = "https://thor.robots.ox.ac.uk/~vgg/data/pets/"
 LEGACY_BASES = (
     "http://www.robots.ox.ac.uk/~vgg/data/pets/data/",
     "https://www.robots.ox.ac.uk/~vgg/data/pets/data/",

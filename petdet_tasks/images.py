@@ -56,7 +56,6 @@ import os
 from dataclasses import dataclass
 from io import BytesIO
 
-import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 __all__ = ["CHECK_MODES", "ImageCheck", "check_image"]
@@ -189,6 +188,8 @@ def _decode(img: Image.Image) -> None:
 
 def _scale_to_l(img: Image.Image) -> tuple[Image.Image, str]:
     """16-bit / 32-bit int / float grayscale → 8-bit ``L`` (rules in the module docstring)."""
+    import numpy as np  # only here: a rare image kind, and numpy is 0.2 s of every import
+
     mode = img.mode
     a = np.asarray(img)
     if mode == "F":
@@ -255,12 +256,6 @@ def _repair(img: Image.Image, fmt: str, name: str, jpeg_quality: int) -> tuple[b
     buf = BytesIO()
     rgb.save(buf, "JPEG", quality=jpeg_quality, optimize=False)
     return buf.getvalue(), "; ".join(notes)
-
-
-def warm_up() -> None:
-    """Load Pillow's format plugins now (~0.1 s, once per process) instead of at the first
-    non-JPEG image — in a process about to fork workers, so that each worker does not pay it."""
-    Image.init()
 
 
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # not DHT, JPG, DAC

@@ -41,10 +41,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from petdet_tasks.breeds import BREEDS, CAT, breed_id, class_id, species
+from petdet_tasks.defaults import SAMPLE_BREEDS, SAMPLE_PER_BREED, SAMPLE_SEED
 
-DEFAULT_BREEDS = 6
-DEFAULT_PER_BREED = 12
-DEFAULT_SEED = 0
+DEFAULT_BREEDS = SAMPLE_BREEDS
+DEFAULT_PER_BREED = SAMPLE_PER_BREED
+DEFAULT_SEED = SAMPLE_SEED
 
 DEFECT_KINDS: tuple[str, ...] = (
     "png_as_jpg",

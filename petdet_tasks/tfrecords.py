@@ -24,6 +24,7 @@ images never moves an existing image to the other split. Nothing is skipped with
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -33,9 +34,10 @@ import multiprocessing
 import os
 import tempfile
 import time
+import traceback
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -43,7 +45,7 @@ from typing import NamedTuple
 from lxml import etree
 
 from petdet_tasks.breeds import breed_of
-from petdet_tasks.images import CHECK_MODES, check_image, warm_up
+from petdet_tasks.images import CHECK_MODES, check_image
 from petdet_tasks.label_map import LabelMap, load_label_map, pets_label_map
 from petdet_tasks.layout import fingerprint, step_prefix
 from petdet_tasks.manifest import StepResult, StepWriter, load_output, read_manifest, run_step
@@ -234,13 +236,17 @@ def _examples_from(store: Store, base: str, files: set[str], source: str, cfg: T
     names = _list_names(store.read_text(base + list_file))
     val_cut = cfg.val_fraction * 2**64
     out = []
+    known: set[str] = set()  # breeds already checked against the label map
     for name in names:
-        try:
-            breed = breed_of(name)
-            labels.id_of(breed)
-        except (KeyError, ValueError) as e:
-            skipped.setdefault("unknown_class", []).append({"name": name, "detail": str(e)})
-            continue
+        breed, sep, num = name.rpartition("_")
+        if not (sep and num.isdigit() and breed in known):  # the slow path once per breed
+            try:
+                breed = breed_of(name)
+                labels.id_of(breed)
+            except (KeyError, ValueError) as e:
+                skipped.setdefault("unknown_class", []).append({"name": name, "detail": str(e)})
+                continue
+            known.add(breed)
         image = f"images/{name}.jpg"
         xml = f"annotations/xmls/{name}.xml"
         if image not in files:
@@ -669,18 +675,108 @@ def gather(store: Store, p: Plan, cfg: TFRecordConfig, *, run_id: str | None = N
 # Everything in one call (the CLI)
 # ---------------------------------------------------------------------------------------------
 
-_WORKER: dict = {}
+class ShardWorkerError(RuntimeError):
+    """A forked shard worker failed; the message carries its traceback."""
 
 
-def _pool_init(root: str, p: Plan, cfg: TFRecordConfig) -> None:
-    """Per worker process, once: its own store client, the plan (with the dataset's
-    checksums), the config."""
-    _WORKER.update(store=open_store(root), plan=p, cfg=cfg)
+def _take(counter) -> int:
+    with counter.get_lock():
+        i = counter.value
+        counter.value = i + 1
+    return i
 
 
-def _pool_task(unit: tuple[str, int]) -> dict:
-    w = _WORKER
-    return write_shard(w["store"], w["plan"], unit[0], unit[1], w["cfg"], w["plan"].dataset_files)
+def _write_taken(store: Store, p: Plan, units: list[tuple[str, int]], cfg: TFRecordConfig,
+                 counter) -> None:
+    """Write units in the order the shared counter hands them out until none is left."""
+    while (i := _take(counter)) < len(units):
+        split, index = units[i]
+        write_shard(store, p, split, index, cfg, p.dataset_files)
+
+
+def _shard_worker(root: str, p: Plan, units: list[tuple[str, int]], cfg: TFRecordConfig,
+                  counter, conn) -> None:
+    """A forked worker: its own store client (an S3 client must not cross a fork). Sends
+    ``None`` when out of units, or the failure's traceback."""
+    try:
+        _write_taken(open_store(root), p, units, cfg, counter)
+    except BaseException as exc:
+        with counter.get_lock():
+            counter.value = len(units)  # the others stop after their current shard
+        conn.send(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        raise SystemExit(1) from None
+    conn.send(None)
+
+
+class _ForkedWriters:
+    """Write ``units`` in ``workers`` processes: this one and ``workers - 1`` forked children,
+    each taking the next unit from a shared counter as it frees up.
+
+    The calling process works too rather than waiting on a pool: one fork fewer, no task or
+    result traffic, and the plan is not copied anywhere (the children inherit it). It waits
+    for each child's "done" message, not for its exit (tearing a process down takes a few ms):
+    the gather can start meanwhile, and :meth:`reap` joins them afterwards. A failed child
+    stops the others after their current shard and is raised here with its traceback; a
+    child that dies without a word (killed, e.g. for memory) is reported with its signal. The
+    shards already written are kept, so a retry resumes."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.children: list = []
+
+    def __enter__(self) -> _ForkedWriters:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.reap()
+
+    def run(self, store: Store, p: Plan, units: list[tuple[str, int]], cfg: TFRecordConfig
+            ) -> None:
+        ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+        counter = ctx.Value("l", 0)
+        gc.freeze()  # GC passes then leave the inherited heap (and its shared pages) alone
+        pipes = []
+        try:
+            for _ in range(self.workers - 1):
+                ours, theirs = ctx.Pipe(duplex=False)
+                child = ctx.Process(target=_shard_worker, daemon=True,
+                                    name="petdet-shard-worker",
+                                    args=(store.root, p, units, cfg, counter, theirs))
+                child.start()
+                theirs.close()
+                self.children.append(child)
+                pipes.append(ours)
+            _write_taken(store, p, units, cfg, counter)
+        except BaseException:
+            with counter.get_lock():
+                counter.value = len(units)  # the children finish their current shard and stop
+            raise
+        finally:
+            gc.unfreeze()
+        failures = []
+        for child, conn in zip(self.children, pipes, strict=True):
+            try:
+                message = conn.recv()  # EOFError: the child died without sending
+            except EOFError:
+                child.join()
+                code = child.exitcode
+                message = (f"{child.name} (pid {child.pid}) died with "
+                           + (f"signal {-code}" if code is not None and code < 0
+                              else f"exit code {code}")
+                           + " while writing shards (killed, e.g. for memory?)")
+            finally:
+                conn.close()
+            if message is not None:
+                failures.append(message)
+        if failures:
+            raise ShardWorkerError(
+                f"{len(failures)} of {self.workers - 1} forked shard workers failed; shards "
+                "already written are kept (a retry resumes):\n" + "\n".join(failures))
+
+    def reap(self) -> None:
+        for child in self.children:
+            child.join()
+        self.children = []
 
 
 def build(store: Store, dataset_uri: str, cfg: TFRecordConfig, *, workers: int | None = None,
@@ -692,29 +788,21 @@ def build(store: Store, dataset_uri: str, cfg: TFRecordConfig, *, workers: int |
     workers = workers or os.cpu_count() or 1
     explicit_client = isinstance(store, S3Store) and store.has_explicit_client
     started = time.monotonic()
-    # one task per shard, largest first, so the pool balances the load as workers free up
+    # one unit per shard, largest first, taken by whichever worker frees up: balanced load
     sizes = Counter((e.split, e.shard) for e in p.examples)
     units = sorted(p.units, key=lambda u: -sizes[u])
-    if workers <= 1:
-        write_shards(store, p, units, cfg)
-    elif explicit_client:
-        # a client handed in (e.g. from an Airflow connection) cannot cross processes
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(lambda u: write_shards(store, p, [u], cfg), units))
-    else:
-        warm_up()  # before forking: the workers inherit Pillow's loaded plugins
-        ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-        gc.freeze()  # the workers' GC passes then leave the inherited heap (and its pages) alone
-        try:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                                     initializer=_pool_init,
-                                     initargs=(store.root, p, cfg)) as pool:
-                for f in [pool.submit(_pool_task, u) for u in units]:
-                    f.result()
-        finally:
-            gc.unfreeze()
-    n = len(p.examples)
-    secs = time.monotonic() - started
-    log.info("wrote %d shards for %d examples in %.1fs (%.0f images/s, %d workers)",
-             len(p.units), n, secs, n / secs if secs else math.inf, workers)
-    return gather(store, p, cfg, run_id=run_id)
+    with contextlib.ExitStack() as stack:
+        if workers <= 1:
+            write_shards(store, p, units, cfg)
+        elif explicit_client:
+            # a client handed in (e.g. from an Airflow connection) cannot cross processes
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(lambda u: write_shards(store, p, [u], cfg), units))
+        else:
+            # the children are joined after the gather: it need not wait for their exit
+            stack.enter_context(_ForkedWriters(workers)).run(store, p, units, cfg)
+        n = len(p.examples)
+        secs = time.monotonic() - started
+        log.info("wrote %d shards for %d examples in %.1fs (%.0f images/s, %d workers)",
+                 len(p.units), n, secs, n / secs if secs else math.inf, workers)
+        return gather(store, p, cfg, run_id=run_id)

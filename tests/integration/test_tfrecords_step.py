@@ -225,3 +225,99 @@ def test_an_image_changed_in_the_store_after_download_is_an_error(store, dataset
     store.put_bytes(victim.image_key, store.get_bytes(victim.image_key)[0] + b"\x00tampered")
     with pytest.raises(Exception, match="does not match the dataset manifest"):
         write_shard(store, p, "train", 0, cfg, p.dataset_files)
+
+
+# --- the CLI's forked shard writers (local store: an injected S3 client stays in one process) --
+
+def _fail_in(monkeypatch, where: str, how):
+    """Make write_shard call ``how(split, index)`` in the forked worker (``where="child"``) or
+    in the calling process (``"parent"``); the other process is slowed on its first shard, so
+    that the failing one surely takes a shard."""
+    import time
+
+    import petdet_tasks.tfrecords as tfrecords
+
+    parent, real = os.getpid(), tfrecords.write_shard
+    slowed = []
+
+    def write_shard_(store, p, split, index, cfg, dataset_files=None):
+        failing = (os.getpid() == parent) == (where == "parent")
+        if failing:
+            how(split, index)
+        elif not slowed:
+            slowed.append(True)
+            time.sleep(0.5)
+        return real(store, p, split, index, cfg, dataset_files)
+
+    monkeypatch.setattr(tfrecords, "write_shard", write_shard_)
+
+
+def _raise(split, index):
+    from petdet_tasks.store import StoreError
+
+    raise StoreError(f"injected failure on {split}-{index}")
+
+
+@pytest.mark.parametrize("store", ["local"], indirect=True)
+def test_forked_worker_failure_is_reported_and_a_retry_resumes(store, dataset, monkeypatch,
+                                                                caplog):
+    import multiprocessing
+
+    from petdet_tasks.tfrecords import ShardWorkerError
+
+    uri, _ = dataset
+    cfg = TFRecordConfig(**SAMPLE_CFG)
+    _fail_in(monkeypatch, "child", _raise)
+    with pytest.raises(ShardWorkerError) as err:
+        build(store, uri, cfg, workers=2)
+    message = str(err.value)
+    assert "1 of 1 forked shard workers failed" in message
+    assert "StoreError: injected failure on" in message and "Traceback" in message
+    assert "a retry resumes" in message
+    p = plan(store, uri, cfg)
+    assert read_manifest(store, p.prefix) is None  # nothing committed
+    assert multiprocessing.active_children() == []  # the worker was joined
+    written = [o.key for o in store.list(p.prefix + "_parts/")]
+    assert 1 <= len(written) < len(p.units)  # the parent's shards are kept ...
+
+    monkeypatch.undo()
+    caplog.set_level("INFO")
+    result = build(store, uri, cfg, workers=2)  # ... and the retry only writes the others
+    assert not result.cache_hit
+    skipped = [r for r in caplog.records if "already written" in r.getMessage()]
+    assert len(skipped) == len(written)
+    seq = build(store, uri, TFRecordConfig(**SAMPLE_CFG, force=True), workers=1)
+    assert {k: v for k, v in seq.manifest["files"].items() if k.endswith(".tfrecord")} == \
+        {k: v for k, v in result.manifest["files"].items() if k.endswith(".tfrecord")}
+
+
+@pytest.mark.parametrize("store", ["local"], indirect=True)
+def test_a_killed_forked_worker_is_reported_with_its_signal(store, dataset, monkeypatch):
+    import multiprocessing
+    import signal
+
+    from petdet_tasks.tfrecords import ShardWorkerError
+
+    uri, _ = dataset
+    _fail_in(monkeypatch, "child", lambda split, index: os.kill(os.getpid(), signal.SIGKILL))
+    with pytest.raises(ShardWorkerError, match=r"died with signal 9 while writing shards"):
+        build(store, uri, TFRecordConfig(**SAMPLE_CFG), workers=2)
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("store", ["local"], indirect=True)
+def test_a_failure_in_the_calling_process_stops_the_workers(store, dataset, monkeypatch):
+    import multiprocessing
+
+    from petdet_tasks.store import StoreError
+
+    uri, _ = dataset
+    cfg = TFRecordConfig(**SAMPLE_CFG)
+    _fail_in(monkeypatch, "parent", _raise)
+    with pytest.raises(StoreError, match="injected failure on"):
+        build(store, uri, cfg, workers=2)
+    assert multiprocessing.active_children() == []  # joined after their current shard
+    p = plan(store, uri, cfg)
+    assert read_manifest(store, p.prefix) is None
+    # the worker stopped after its current shard: not every shard was written
+    assert len(list(store.list(p.prefix + "_parts/"))) < len(p.units)
