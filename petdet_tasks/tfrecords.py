@@ -36,7 +36,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,17 +227,20 @@ def _extra_prefix(store: Store, extra: str) -> str:
     return rel.strip("/") + "/"
 
 
-def _examples_from(store: Store, base: str, files: set[str], source: str, cfg: TFRecordConfig,
-                   labels: LabelMap, skipped: dict[str, list]) -> list[Example]:
+def _examples_from(store: Store, base: str, files: Container[str], source: str,
+                   cfg: TFRecordConfig, labels: LabelMap, skipped: dict[str, list]
+                   ) -> list[Example]:
     list_file = next((f for f in ("annotations/trainval.txt", "annotations/list.txt")
                       if f in files), None)
     if list_file is None:
         raise FileNotFoundError(f"{store.uri(base)}: no annotations/trainval.txt or list.txt")
     names = _list_names(store.read_text(base + list_file))
     val_cut = cfg.val_fraction * 2**64
-    out = []
+    num_shards = cfg.num_shards
+    out: list[Example] = []
     known: set[str] = set()  # breeds already checked against the label map
-    for name in names:
+    sha256, from_bytes, new_example = hashlib.sha256, int.from_bytes, tuple.__new__
+    for name in names:  # once per image, in the serial plan: kept lean
         breed, sep, num = name.rpartition("_")
         if not (sep and num.isdigit() and breed in known):  # the slow path once per breed
             try:
@@ -247,8 +250,8 @@ def _examples_from(store: Store, base: str, files: set[str], source: str, cfg: T
                 skipped.setdefault("unknown_class", []).append({"name": name, "detail": str(e)})
                 continue
             known.add(breed)
-        image = f"images/{name}.jpg"
-        xml = f"annotations/xmls/{name}.xml"
+        image = "images/" + name + ".jpg"
+        xml = "annotations/xmls/" + name + ".xml"
         if image not in files:
             skipped.setdefault("missing_image", []).append(
                 {"name": name, "detail": f"{list_file} lists it but {image} is absent"})
@@ -257,10 +260,11 @@ def _examples_from(store: Store, base: str, files: set[str], source: str, cfg: T
             skipped.setdefault("missing_xml", []).append(
                 {"name": name, "detail": f"no {xml}: no box to train on"})
             continue
-        split_draw, shard_draw = _name_hash(name)
-        out.append(Example(name, base + image, base + xml, source,
-                           "val" if split_draw < val_cut else "train",
-                           shard_draw % cfg.num_shards))
+        digest = sha256(name.encode()).digest()  # _name_hash, inlined
+        out.append(new_example(Example, (
+            name, base + image, base + xml, source,
+            "val" if from_bytes(digest[:8], "big") < val_cut else "train",
+            from_bytes(digest[8:16], "big") % num_shards)))
     return out
 
 
@@ -271,8 +275,8 @@ def plan(store: Store, dataset_uri: str, cfg: TFRecordConfig) -> Plan:
     dataset = load_output(store, dataset_uri, expect_step="download")
     base = step_prefix("download", dataset.fingerprint)
     skipped: dict[str, list] = {}
-    examples = _examples_from(store, base, set(dataset.manifest["files"]), "dataset", cfg,
-                              labels, skipped)
+    examples = _examples_from(store, base, dataset.manifest["files"], "dataset", cfg, labels,
+                              skipped)
     inputs = {"dataset": dataset.fingerprint}
     if cfg.extra_data:
         extra = _extra_prefix(store, cfg.extra_data)
@@ -737,7 +741,7 @@ class _ForkedWriters:
         gc.freeze()  # GC passes then leave the inherited heap (and its shared pages) alone
         pipes = []
         try:
-            for _ in range(self.workers - 1):
+            for _ in range(min(self.workers, len(units)) - 1):  # no idle children
                 ours, theirs = ctx.Pipe(duplex=False)
                 child = ctx.Process(target=_shard_worker, daemon=True,
                                     name="petdet-shard-worker",
@@ -770,7 +774,7 @@ class _ForkedWriters:
                 failures.append(message)
         if failures:
             raise ShardWorkerError(
-                f"{len(failures)} of {self.workers - 1} forked shard workers failed; shards "
+                f"{len(failures)} of {len(self.children)} forked shard workers failed; shards "
                 "already written are kept (a retry resumes):\n" + "\n".join(failures))
 
     def reap(self) -> None:

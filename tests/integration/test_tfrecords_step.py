@@ -102,6 +102,19 @@ def test_records_read_back_with_tf_data(store, dataset, tmp_path):
         assert tuple(img.shape[:2]) == (r["height"], r["width"])
 
 
+def test_plan_assigns_splits_and_shards_by_the_name_hash(store, dataset):
+    from petdet_tasks.tfrecords import shard_of
+
+    uri, summary = dataset
+    cfg = TFRecordConfig(**{**SAMPLE_CFG, "num_shards": 3, "val_fraction": 0.4})
+    p = plan(store, uri, cfg)
+    assert len(p.examples) == summary["trainval"] - 1  # the one without an XML is skipped
+    for ex in p.examples:
+        assert (ex.split, ex.shard) == (split_of(ex.name, 0.4), shard_of(ex.name, 3))
+        assert ex.image_key.endswith(f"/images/{ex.name}.jpg") and ex.source == "dataset"
+        assert type(ex).__name__ == "Example" and ex._fields[-1] == "shard"
+
+
 def test_second_run_is_a_cache_hit_and_config_changes_the_fingerprint(store, dataset):
     uri, _ = dataset
     first = build(store, uri, TFRecordConfig(**SAMPLE_CFG), workers=1)
