@@ -29,16 +29,19 @@ import json
 import logging
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import petdet_tasks.tfrecords as tfrecords_step  # noqa: E402
 from petdet_tasks.breeds import breed_of  # noqa: E402
 from petdet_tasks.label_map import pets_label_map  # noqa: E402
 from petdet_tasks.store import LocalStore  # noqa: E402
@@ -73,12 +76,48 @@ def cfg(**kw) -> TFRecordConfig:
     return TFRecordConfig(classes="present", max_quarantine_fraction=0.05, force=True, **kw)
 
 
-def time_petdet(store, uri, workers: int, check: str = "header") -> tuple[float, int]:
+PHASES: dict[str, float] = {}  # seconds of the last build's plan and gather
+
+
+def _timed(name: str, fn):
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            PHASES[name] = time.perf_counter() - t
+    return wrapper
+
+
+# build() calls these through the module: their share of (1) and (3) is printed
+tfrecords_step.plan = _timed("plan", tfrecords_step.plan)
+tfrecords_step.gather = _timed("gather", tfrecords_step.gather)
+
+
+class Run(NamedTuple):
+    seconds: float
+    images: int
+    plan: float  # s, serial
+    gather: float  # s, serial
+    cpu: float  # s of CPU, this process and its (joined) workers
+    faults: int  # minor page faults, same processes
+
+
+def _usage() -> tuple[float, int]:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime, s.ru_minflt + c.ru_minflt
+
+
+def time_petdet(store, uri, workers: int, check: str = "header") -> Run:
     shutil.rmtree(store.path / "tfrecords", ignore_errors=True)  # fresh files, like a new run
     os.sync()  # the deletion's journal and discard work happens now, not during the timing
+    cpu, faults = _usage()
     t = time.perf_counter()
     result = build(store, uri, cfg(check=check), workers=workers)
-    return time.perf_counter() - t, result.outputs["train"] + result.outputs["val"]
+    seconds = time.perf_counter() - t
+    cpu2, faults2 = _usage()
+    return Run(seconds, result.outputs["train"] + result.outputs["val"], PHASES["plan"],
+               PHASES["gather"], cpu2 - cpu, faults2 - faults)
 
 
 def _recursive_parse_xml_to_dict(xml):
@@ -195,12 +234,12 @@ def main() -> int:
     runs = args.repeat
     par, seq = [], []
     for _ in range(runs):  # alternating: a slow spell of the machine falls on both
-        par_s, n = time_petdet(store, uri, args.workers)
-        par.append(par_s)
-        seq.append(time_petdet(store, uri, 1)[0])
-    par_s, seq_s = min(par), min(seq)
-    median_ratio = sorted(seq)[runs // 2] / sorted(par)[runs // 2]
-    full_s, _ = time_petdet(store, uri, args.workers, check="full")
+        par.append(time_petdet(store, uri, args.workers))
+        seq.append(time_petdet(store, uri, 1))
+    best_par, best_seq = min(par), min(seq)
+    par_s, seq_s, n = best_par.seconds, best_seq.seconds, best_par.images
+    median_ratio = sorted(seq)[runs // 2].seconds / sorted(par)[runs // 2].seconds
+    full_s = time_petdet(store, uri, args.workers, check="full").seconds
     import tensorflow  # noqa: F401  (imported before the baseline's timing starts)
 
     base_s, base_n = min(time_baseline(store, uri, work / "baseline.tfrecord")
@@ -220,6 +259,15 @@ def main() -> int:
     print(f"\n(1)/(2) = {r_base:.2f}x  (goal >= 1.5x)  {'met' if r_base >= 1.5 else 'NOT met'}")
     print(f"(1)/(3) = {r_par:.2f}x  (goal >= 1.8x)  {'met' if r_par >= 1.8 else 'NOT met'}; "
           f"median of the {runs} alternating pairs {median_ratio:.2f}x")
+    serial = best_seq.plan + best_seq.gather
+    bound = seq_s / (serial + (seq_s - serial) / args.workers)
+    print(f"  serial parts of the step (fastest (3) run): plan {best_seq.plan * 1000:.1f} ms + "
+          f"gather {best_seq.gather * 1000:.1f} ms = {serial / seq_s:.1%} of its time, so "
+          f"Amdahl bounds (1)/(3) at {bound:.2f}x on {args.workers} workers")
+    print(f"  CPU of the fastest (1) run, all its processes: {best_par.cpu * 1000:.0f} ms "
+          f"against (3)'s {best_seq.cpu * 1000:.0f} ms ({best_par.cpu / best_seq.cpu - 1:+.1%}); "
+          f"minor page faults {best_par.faults} against {best_seq.faults} (copy-on-write "
+          "after the fork)")
     print(f"full decode costs {(full_s - par_s) / n * 1000 * args.workers:.2f} ms/image of CPU "
           f"({rate['full'] / rate['petdet']:.2f}x the header check's throughput)")
     print(f"baseline wrote {base_n} of the {n + 1} usable labelled images petdet wrote: it "
@@ -236,6 +284,8 @@ def main() -> int:
                       "full_ips": round(rate["full"]), "ratio_vs_baseline": round(r_base, 2),
                       "parallel_efficiency": round(r_par, 2),
                       "parallel_efficiency_median": round(median_ratio, 2),
+                      "amdahl_bound": round(bound, 2),
+                      "cpu_overhead": round(best_par.cpu / best_seq.cpu - 1, 3),
                       "rss_small_mb": round(rss_small),
                       "rss_large_mb": round(rss_large)}))
     return 0
