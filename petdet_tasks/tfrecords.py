@@ -15,7 +15,8 @@ Three phases, so that Airflow can map the middle one over shard groups:
   reports into ``data_report.json``, applies the quality gate, writes ``label_map.pbtxt`` and
   the manifest.
 
-:func:`build` runs all three, the middle one in a process pool (the CLI).
+:func:`build` runs all three, the middle one in several processes (the CLI): the calling one and
+forked workers taking shards from a shared counter.
 
 Splits are stable: an image's split depends only on its name and ``val_fraction``, so adding
 images never moves an existing image to the other split. Nothing is skipped without a line in
@@ -549,7 +550,7 @@ def _verify_source(ex: Example, sha256: str, dataset_files: dict | None) -> None
 
 def write_shards(store: Store, p: Plan, units: Iterable[tuple[str, int]], cfg: TFRecordConfig
                  ) -> list[dict]:
-    """Write the given units sequentially (one Airflow mapped task, or one pool worker)."""
+    """Write the given units sequentially (one Airflow mapped task, or the CLI with one worker)."""
     if p.cache_hit:
         log.info("cache hit: %s is complete; no shard to write", p.uri)
         return []
