@@ -37,7 +37,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import Container, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +152,7 @@ class Example(NamedTuple):
     image_key: str
     xml_key: str
     source: str  # "dataset" or "extra"
+    sha256: str | None  # the image's sha256 in the dataset manifest (None: extra data)
     split: str
     shard: int
 
@@ -163,11 +164,18 @@ class Plan:
     prefix: str
     cache_hit: bool
     units: list[tuple[str, int]]
-    examples: list[Example] = field(repr=False)
-    dataset_files: dict = field(repr=False)  # the dataset manifest's files: sizes + sha256
+    examples: list[Example] = field(repr=False)  # sorted by name
     skipped: dict[str, list[dict]]  # reason → [{"name", "detail"}]: never silent
     config: dict
     inputs: dict
+    by_unit: dict[tuple[str, int], list[Example]] = field(repr=False, init=False)
+
+    def __post_init__(self) -> None:
+        # grouped once: a shard writer then touches only its own examples (no scan of all of
+        # them per shard, and no write to the rest's shared pages in a forked worker)
+        self.by_unit = {u: [] for u in self.units}
+        for e in self.examples:
+            self.by_unit[e.split, e.shard].append(e)
 
     def groups(self, n_groups: int) -> list[list[list]]:
         """The units split into ``n_groups`` JSON-able groups (for Airflow's ``expand``)."""
@@ -203,8 +211,10 @@ def _list_names(text: str) -> list[str]:
     return names
 
 
-def _listed_files(store: Store, base: str) -> set[str]:
-    return {o.key[len(base):] for o in store.list(base)}
+def _listed_files(store: Store, base: str) -> dict[str, None]:
+    """The files under ``base`` (relative), in the shape of a manifest's ``files`` without the
+    recorded hashes."""
+    return {o.key[len(base):]: None for o in store.list(base)}
 
 
 def _prefix_digest(store: Store, prefix: str) -> str:
@@ -228,9 +238,14 @@ def _extra_prefix(store: Store, extra: str) -> str:
     return rel.strip("/") + "/"
 
 
-def _examples_from(store: Store, base: str, files: Container[str], source: str,
+_ABSENT = object()
+
+
+def _examples_from(store: Store, base: str, files: Mapping[str, dict | None], source: str,
                    cfg: TFRecordConfig, labels: LabelMap, skipped: dict[str, list]
                    ) -> list[Example]:
+    """The examples of one source. ``files``: relative path → its manifest entry (whose
+    ``sha256`` the shard writer checks the image against) or None where no hash is recorded."""
     list_file = next((f for f in ("annotations/trainval.txt", "annotations/list.txt")
                       if f in files), None)
     if list_file is None:
@@ -253,7 +268,8 @@ def _examples_from(store: Store, base: str, files: Container[str], source: str,
             known.add(breed)
         image = "images/" + name + ".jpg"
         xml = "annotations/xmls/" + name + ".xml"
-        if image not in files:
+        entry = files.get(image, _ABSENT)
+        if entry is _ABSENT:
             skipped.setdefault("missing_image", []).append(
                 {"name": name, "detail": f"{list_file} lists it but {image} is absent"})
             continue
@@ -263,7 +279,7 @@ def _examples_from(store: Store, base: str, files: Container[str], source: str,
             continue
         digest = sha256(name.encode()).digest()  # _name_hash, inlined
         out.append(new_example(Example, (
-            name, base + image, base + xml, source,
+            name, base + image, base + xml, source, entry.get("sha256") if entry else None,
             "val" if from_bytes(digest[:8], "big") < val_cut else "train",
             from_bytes(digest[8:16], "big") % num_shards)))
     return out
@@ -299,8 +315,8 @@ def plan(store: Store, dataset_uri: str, cfg: TFRecordConfig) -> Plan:
     prefix = step_prefix(STEP, fp)
     cache_hit = not cfg.force and read_manifest(store, prefix) is not None
     units = [(s, i) for s in SPLITS for i in range(cfg.num_shards)]
-    return Plan(fp, store.uri(prefix.rstrip("/")), prefix, cache_hit, units, examples,
-                dataset.manifest["files"], skipped, config, inputs)
+    return Plan(fp, store.uri(prefix.rstrip("/")), prefix, cache_hit, units, examples, skipped,
+                config, inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,8 +512,7 @@ def _read_pairs(store: Store, keys: list[tuple[str, str]], window: int = 16
             yield fi.result()[0], fx.result()[0]
 
 
-def write_shard(store: Store, p: Plan, split: str, index: int, cfg: TFRecordConfig,
-                dataset_files: dict | None = None) -> dict:
+def write_shard(store: Store, p: Plan, split: str, index: int, cfg: TFRecordConfig) -> dict:
     """Write one shard + its part report (skipped when both are already there)."""
     n = cfg.num_shards
     rel = shard_name(split, index, n)
@@ -511,7 +526,7 @@ def write_shard(store: Store, p: Plan, split: str, index: int, cfg: TFRecordConf
     except NotFound:
         pass
     labels = cfg.label_map_obj()
-    mine = [e for e in p.examples if e.split == split and e.shard == index]
+    mine = p.by_unit[split, index]
     report = _new_report(split, index)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="petdet-shard-", dir=store.scratch_dir()) as tmp:
@@ -520,7 +535,7 @@ def write_shard(store: Store, p: Plan, split: str, index: int, cfg: TFRecordConf
             pairs = _read_pairs(store, [(e.image_key, e.xml_key) for e in mine])
             for ex, (image, xml) in zip(mine, pairs, strict=True):
                 sha = hashlib.sha256(image).hexdigest()
-                _verify_source(ex, sha, dataset_files)
+                _verify_source(ex, sha)
                 record = build_example(ex.name, image, xml, labels, cfg, report,
                                        image_sha256=sha)
                 if record is not None:
@@ -536,16 +551,12 @@ def write_shard(store: Store, p: Plan, split: str, index: int, cfg: TFRecordConf
     return report
 
 
-def _verify_source(ex: Example, sha256: str, dataset_files: dict | None) -> None:
+def _verify_source(ex: Example, sha256: str) -> None:
     """The image read is the one the dataset manifest recorded (the hash is needed anyway for
     ``image/key/sha256``, so this check is free)."""
-    if dataset_files is None or ex.source != "dataset":
-        return
-    rel = ex.image_key.split("/", 2)[2]
-    expected = dataset_files.get(rel, {}).get("sha256")
-    if expected and sha256 != expected:
+    if ex.sha256 is not None and sha256 != ex.sha256:
         raise StoreError(f"{ex.image_key} does not match the dataset manifest's sha256 "
-                         f"{expected}: the stored dataset is corrupt; re-run download with force")
+                         f"{ex.sha256}: the stored dataset is corrupt; re-run download with force")
 
 
 def write_shards(store: Store, p: Plan, units: Iterable[tuple[str, int]], cfg: TFRecordConfig
@@ -554,7 +565,7 @@ def write_shards(store: Store, p: Plan, units: Iterable[tuple[str, int]], cfg: T
     if p.cache_hit:
         log.info("cache hit: %s is complete; no shard to write", p.uri)
         return []
-    return [write_shard(store, p, s, i, cfg, p.dataset_files) for s, i in units]
+    return [write_shard(store, p, s, i, cfg) for s, i in units]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -696,7 +707,7 @@ def _write_taken(store: Store, p: Plan, units: list[tuple[str, int]], cfg: TFRec
     """Write units in the order the shared counter hands them out until none is left."""
     while (i := _take(counter)) < len(units):
         split, index = units[i]
-        write_shard(store, p, split, index, cfg, p.dataset_files)
+        write_shard(store, p, split, index, cfg)
 
 
 def _shard_worker(root: str, p: Plan, units: list[tuple[str, int]], cfg: TFRecordConfig,
@@ -794,8 +805,7 @@ def build(store: Store, dataset_uri: str, cfg: TFRecordConfig, *, workers: int |
     explicit_client = isinstance(store, S3Store) and store.has_explicit_client
     started = time.monotonic()
     # one unit per shard, largest first, taken by whichever worker frees up: balanced load
-    sizes = Counter((e.split, e.shard) for e in p.examples)
-    units = sorted(p.units, key=lambda u: -sizes[u])
+    units = sorted(p.units, key=lambda u: -len(p.by_unit[u]))
     with contextlib.ExitStack() as stack:
         if workers <= 1:
             write_shards(store, p, units, cfg)
