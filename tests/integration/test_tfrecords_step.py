@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 import tensorflow as tf
@@ -242,27 +243,39 @@ def test_an_image_changed_in_the_store_after_download_is_an_error(store, dataset
 
 # --- the CLI's forked shard writers (local store: an injected S3 client stays in one process) --
 
-def _fail_in(monkeypatch, where: str, how):
+def _fail_in(monkeypatch, tmp_path, where: str, how):
     """Make write_shard call ``how(split, index)`` in the forked worker (``where="child"``) or
-    in the calling process (``"parent"``); the other process is slowed on its first shard, so
-    that the failing one surely takes a shard."""
+    in the calling process (``"parent"``), once the other process has taken a shard (it is
+    slowed on that one, so it is still writing it when the failure comes)."""
     import time
 
     import petdet_tasks.tfrecords as tfrecords
 
     parent, real = os.getpid(), tfrecords.write_shard
-    slowed = []
+    other_started = tmp_path / "other-process-started"
 
     def write_shard_(store, p, split, index, cfg):
         failing = (os.getpid() == parent) == (where == "parent")
         if failing:
+            deadline = time.monotonic() + 60
+            while not other_started.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
             how(split, index)
-        elif not slowed:
-            slowed.append(True)
+        elif not other_started.exists():
+            other_started.touch()
             time.sleep(0.5)
         return real(store, p, split, index, cfg)
 
     monkeypatch.setattr(tfrecords, "write_shard", write_shard_)
+
+
+def _forked_children() -> list[int]:
+    """This process's children running this same program: forked shard workers not joined
+    (other children, such as a test S3 server, run something else)."""
+    me = os.getpid()
+    cmdline = Path(f"/proc/{me}/cmdline").read_bytes()
+    pids = Path(f"/proc/{me}/task/{me}/children").read_text().split()
+    return [int(c) for c in pids if Path(f"/proc/{c}/cmdline").read_bytes() == cmdline]
 
 
 def _raise(split, index):
@@ -272,14 +285,13 @@ def _raise(split, index):
 
 
 @pytest.mark.parametrize("store", ["local"], indirect=True)
-def test_forked_worker_failure_is_reported_and_a_retry_resumes(store, dataset, monkeypatch):
-    import multiprocessing
-
+def test_forked_worker_failure_is_reported_and_a_retry_resumes(store, dataset, monkeypatch,
+                                                                tmp_path):
     from petdet_tasks.tfrecords import ShardWorkerError
 
     uri, _ = dataset
     cfg = TFRecordConfig(**SAMPLE_CFG)
-    _fail_in(monkeypatch, "child", _raise)
+    _fail_in(monkeypatch, tmp_path, "child", _raise)
     with pytest.raises(ShardWorkerError) as err:
         build(store, uri, cfg, workers=2)
     message = str(err.value)
@@ -288,7 +300,7 @@ def test_forked_worker_failure_is_reported_and_a_retry_resumes(store, dataset, m
     assert "a retry resumes" in message
     p = plan(store, uri, cfg)
     assert read_manifest(store, p.prefix) is None  # nothing committed
-    assert multiprocessing.active_children() == []  # the worker was joined
+    assert _forked_children() == []  # the worker was joined
     written = [o.key for o in store.list(p.prefix + "_parts/")]
     assert 1 <= len(written) < len(p.units)  # the parent's shards are kept ...
     kept = {k: (store.path / k).stat().st_ino for k in written}
@@ -305,31 +317,30 @@ def test_forked_worker_failure_is_reported_and_a_retry_resumes(store, dataset, m
 
 
 @pytest.mark.parametrize("store", ["local"], indirect=True)
-def test_a_killed_forked_worker_is_reported_with_its_signal(store, dataset, monkeypatch):
-    import multiprocessing
+def test_a_killed_forked_worker_is_reported_with_its_signal(store, dataset, monkeypatch, tmp_path):
     import signal
 
     from petdet_tasks.tfrecords import ShardWorkerError
 
     uri, _ = dataset
-    _fail_in(monkeypatch, "child", lambda split, index: os.kill(os.getpid(), signal.SIGKILL))
+    _fail_in(monkeypatch, tmp_path, "child",
+             lambda split, index: os.kill(os.getpid(), signal.SIGKILL))
     with pytest.raises(ShardWorkerError, match=r"died with signal 9 while writing shards"):
         build(store, uri, TFRecordConfig(**SAMPLE_CFG), workers=2)
-    assert multiprocessing.active_children() == []
+    assert _forked_children() == []
 
 
 @pytest.mark.parametrize("store", ["local"], indirect=True)
-def test_a_failure_in_the_calling_process_stops_the_workers(store, dataset, monkeypatch):
-    import multiprocessing
-
+def test_a_failure_in_the_calling_process_stops_the_workers(store, dataset, monkeypatch,
+                                                           tmp_path):
     from petdet_tasks.store import StoreError
 
     uri, _ = dataset
     cfg = TFRecordConfig(**SAMPLE_CFG)
-    _fail_in(monkeypatch, "parent", _raise)
+    _fail_in(monkeypatch, tmp_path, "parent", _raise)
     with pytest.raises(StoreError, match="injected failure on"):
         build(store, uri, cfg, workers=2)
-    assert multiprocessing.active_children() == []  # joined after their current shard
+    assert _forked_children() == []  # joined after their current shard
     p = plan(store, uri, cfg)
     assert read_manifest(store, p.prefix) is None
     # the worker stopped after its current shard: not every shard was written
