@@ -525,8 +525,11 @@ def write_shard(store: Store, p: Plan, split: str, index: int, cfg: TFRecordConf
             return existing
     except NotFound:
         pass
+    mine = p.by_unit.get((split, index))
+    if mine is None:
+        raise ValueError(f"{split}-{index} is not a shard of this plan: splits {SPLITS}, "
+                         f"shards 0..{n - 1}")
     labels = cfg.label_map_obj()
-    mine = p.by_unit[split, index]
     report = _new_report(split, index)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="petdet-shard-", dir=store.scratch_dir()) as tmp:

@@ -15,7 +15,7 @@ import tensorflow as tf
 from petdet_tasks.download import DownloadConfig, download
 from petdet_tasks.label_map import parse_label_map
 from petdet_tasks.layout import step_prefix
-from petdet_tasks.manifest import read_manifest
+from petdet_tasks.manifest import load_output, read_manifest
 from petdet_tasks.sample_data import make_sample
 from petdet_tasks.tfrecords import (
     DataQualityError,
@@ -110,10 +110,19 @@ def test_plan_assigns_splits_and_shards_by_the_name_hash(store, dataset):
     cfg = TFRecordConfig(**{**SAMPLE_CFG, "num_shards": 3, "val_fraction": 0.4})
     p = plan(store, uri, cfg)
     assert len(p.examples) == summary["trainval"] - 1  # the one without an XML is skipped
+    files = load_output(store, uri).manifest["files"]
     for ex in p.examples:
         assert (ex.split, ex.shard) == (split_of(ex.name, 0.4), shard_of(ex.name, 3))
         assert ex.image_key.endswith(f"/images/{ex.name}.jpg") and ex.source == "dataset"
+        assert ex.sha256 == files[f"images/{ex.name}.jpg"]["sha256"]  # what the writer checks
         assert type(ex).__name__ == "Example" and ex._fields[-1] == "shard"
+    # the per-shard lists partition the examples, each in name order
+    assert sorted(p.by_unit) == sorted(p.units)
+    assert sorted(e for unit in p.by_unit.values() for e in unit) == p.examples
+    assert all(e.split == s and e.shard == i for (s, i), unit in p.by_unit.items() for e in unit)
+    assert all(unit == sorted(unit) for unit in p.by_unit.values())
+    with pytest.raises(ValueError, match="is not a shard of this plan"):
+        write_shard(store, p, "train", 3, cfg)
 
 
 def test_second_run_is_a_cache_hit_and_config_changes_the_fingerprint(store, dataset):
