@@ -323,6 +323,11 @@ def main() -> int:
     print(f"  serial parts of the step (fastest (3) run): plan {best_seq.plan * 1000:.1f} ms + "
           f"gather {best_seq.gather * 1000:.1f} ms = {serial / seq_s:.1%} of its time, so "
           f"Amdahl bounds (1)/(3) at {bound:.2f}x on {args.workers} workers")
+    shards_par = best_par.seconds - best_par.plan - best_par.gather
+    shards_seq = best_seq.seconds - best_seq.plan - best_seq.gather
+    print(f"  the parallel part alone (forking and writing the shards, between plan and "
+          f"gather): {shards_seq * 1000:.0f} ms in (3), {shards_par * 1000:.0f} ms in (1): "
+          f"{shards_seq / shards_par:.2f}x")
     print(f"  CPU of the fastest (1) run, all its processes: {best_par.cpu * 1000:.0f} ms "
           f"against (3)'s {best_seq.cpu * 1000:.0f} ms ({best_par.cpu / best_seq.cpu - 1:+.1%}); "
           f"minor page faults {best_par.faults} against {best_seq.faults} (copy-on-write "
@@ -351,6 +356,7 @@ def main() -> int:
                       "parallel_efficiency": round(r_par, 2),
                       "parallel_efficiency_median": round(median_ratio, 2),
                       "amdahl_bound": round(bound, 2),
+                      "parallel_part_speedup": round(shards_seq / shards_par, 2),
                       "cpu_overhead": round(best_par.cpu / best_seq.cpu - 1, 3),
                       "cpu_scaling_median": round(statistics.median(ceiling), 2),
                       "rss_small_mb": round(rss_small),
