@@ -325,11 +325,13 @@ def main() -> int:
           f"Amdahl bounds (1)/(3) at {bound:.2f}x on {args.workers} workers")
     shards_par = best_par.seconds - best_par.plan - best_par.gather
     shards_seq = best_seq.seconds - best_seq.plan - best_seq.gather
+    part_speedup = shards_seq / shards_par
+    cpu_overhead = best_par.cpu / best_seq.cpu - 1
     print(f"  the parallel part alone (forking and writing the shards, between plan and "
           f"gather): {shards_seq * 1000:.0f} ms in (3), {shards_par * 1000:.0f} ms in (1): "
-          f"{shards_seq / shards_par:.2f}x")
+          f"{part_speedup:.2f}x")
     print(f"  CPU of the fastest (1) run, all its processes: {best_par.cpu * 1000:.0f} ms "
-          f"against (3)'s {best_seq.cpu * 1000:.0f} ms ({best_par.cpu / best_seq.cpu - 1:+.1%}); "
+          f"against (3)'s {best_seq.cpu * 1000:.0f} ms ({cpu_overhead:+.1%}); "
           f"minor page faults {best_par.faults} against {best_seq.faults} (copy-on-write "
           "after the fork)")
     print(f"  preempted by other tasks (involuntary context switches): (1) "
@@ -356,8 +358,8 @@ def main() -> int:
                       "parallel_efficiency": round(r_par, 2),
                       "parallel_efficiency_median": round(median_ratio, 2),
                       "amdahl_bound": round(bound, 2),
-                      "parallel_part_speedup": round(shards_seq / shards_par, 2),
-                      "cpu_overhead": round(best_par.cpu / best_seq.cpu - 1, 3),
+                      "parallel_part_speedup": round(part_speedup, 2),
+                      "cpu_overhead": round(cpu_overhead, 3),
                       "cpu_scaling_median": round(statistics.median(ceiling), 2),
                       "rss_small_mb": round(rss_small),
                       "rss_large_mb": round(rss_large)}))
