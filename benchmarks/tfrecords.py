@@ -192,8 +192,9 @@ def _recursive_parse_xml_to_dict(xml):
     return {xml.tag: result}
 
 
-def time_baseline(store: LocalStore, uri: str, out: Path) -> tuple[float, int]:
-    """create_pet_tf_record.py's per-image work, single process, one output file."""
+def time_baseline(store: LocalStore, uri: str, out: Path) -> tuple[float, int, int]:
+    """create_pet_tf_record.py's per-image work, single process, one output file: seconds,
+    records written, images skipped as not JPEG."""
     import PIL.Image
     import tensorflow as tf
     from lxml import etree
@@ -210,7 +211,7 @@ def time_baseline(store: LocalStore, uri: str, out: Path) -> tuple[float, int]:
     def f_float(v):
         return tf.train.Feature(float_list=tf.train.FloatList(value=v))
 
-    written = 0
+    written = skipped = 0
     out.unlink(missing_ok=True)
     os.sync()
     t = time.perf_counter()
@@ -221,6 +222,7 @@ def time_baseline(store: LocalStore, uri: str, out: Path) -> tuple[float, int]:
             encoded = (store.path / ex.image_key).read_bytes()
             image = PIL.Image.open(io.BytesIO(encoded))
             if image.format != "JPEG":
+                skipped += 1
                 continue  # the OD API raises ValueError('Image format not JPEG'), logged, skipped
             key = hashlib.sha256(encoded).hexdigest()
             width, height = int(data["size"]["width"]), int(data["size"]["height"])
@@ -253,7 +255,7 @@ def time_baseline(store: LocalStore, uri: str, out: Path) -> tuple[float, int]:
             }))
             writer.write(example.SerializeToString())
             written += 1
-    return time.perf_counter() - t, written
+    return time.perf_counter() - t, written, skipped
 
 
 RSS_PROBE = """
@@ -304,7 +306,7 @@ def main() -> int:
     full_s = time_petdet(store, uri, args.workers, check="full").seconds
     import tensorflow  # noqa: F401  (imported before the baseline's timing starts)
 
-    base_s, base_n = min(time_baseline(store, uri, work / "baseline.tfrecord")
+    base_s, base_n, base_skipped = min(time_baseline(store, uri, work / "baseline.tfrecord")
                          for _ in range(runs))
 
     rate = {k: n / v for k, v in (("petdet", par_s), ("sequential", seq_s), ("full", full_s))}
@@ -347,9 +349,9 @@ def main() -> int:
     print(f"full decode costs {(full_s - par_s) / n * 1000 * args.workers:.2f} ms/image of CPU "
           f"({rate['full'] / rate['petdet']:.2f}x the header check's throughput)")
     print(f"baseline wrote {base_n} records, petdet {n} (repaired {best_par.repaired}, "
-          f"quarantined {best_par.quarantined}): the baseline skips the images that are "
-          "not JPEG inside (PNG/GIF named .jpg, which petdet re-encodes) and writes truncated "
-          "JPEGs unchecked (which petdet quarantines)")
+          f"quarantined {best_par.quarantined}): the baseline skipped {base_skipped} images "
+          "that are not JPEG inside (PNG/GIF named .jpg, which petdet re-encodes) and writes "
+          "truncated JPEGs unchecked (which petdet quarantines)")
 
     small_store, small_uri = make_dataset(work, args.images // 2, seed=2)
     rss_small = peak_rss_mb(small_store, small_uri, args.workers)

@@ -279,12 +279,20 @@ def _fail_in(monkeypatch, tmp_path, where: str, how):
 
 
 def _forked_children() -> list[int]:
-    """This process's children running this same program: forked shard workers not joined
-    (other children, such as a test S3 server, run something else)."""
+    """This process's forked shard workers not joined: children running this same program, or
+    exited and never reaped (a zombie's cmdline is empty). Other children, such as a test S3
+    server, run something else."""
     me = os.getpid()
     cmdline = Path(f"/proc/{me}/cmdline").read_bytes()
-    pids = Path(f"/proc/{me}/task/{me}/children").read_text().split()
-    return [int(c) for c in pids if Path(f"/proc/{c}/cmdline").read_bytes() == cmdline]
+    left = []
+    for c in Path(f"/proc/{me}/task/{me}/children").read_text().split():
+        try:
+            state = Path(f"/proc/{c}/stat").read_text().rpartition(")")[2].split()[0]
+            if state == "Z" or Path(f"/proc/{c}/cmdline").read_bytes() == cmdline:
+                left.append(int(c))
+        except FileNotFoundError:  # reaped meanwhile
+            pass
+    return left
 
 
 def _raise(split, index):
