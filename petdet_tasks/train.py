@@ -52,19 +52,48 @@ LEASE_TTL_S = float(os.environ.get("PETDET_TRAIN_LEASE_TTL_S", "120"))
 # Starting point
 # ---------------------------------------------------------------------------------------------
 
+# keras-hub's ``save_to_preset`` stamps the save time into metadata.json: the same weights saved
+# twice must still be the same starting point (no retraining for a re-saved preset)
+_PRESET_METADATA = "metadata.json"
+_VOLATILE_METADATA = ("date_saved",)
+
+
+def _preset_file_digest(rel: str, data: bytes) -> str:
+    """sha256 of a preset file's content; the root metadata.json without its save time."""
+    if rel == _PRESET_METADATA:
+        try:
+            meta = json.loads(data)
+        except ValueError:
+            meta = None  # not JSON: identified by its bytes (keras-hub will say what is wrong)
+        if isinstance(meta, dict):
+            for key in _VOLATILE_METADATA:
+                meta.pop(key, None)
+            data = json.dumps(meta, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
 def preset_identity(store: Store, preset: str) -> str:
     """What identifies the starting weights in the fingerprint: a digest of a local directory's
-    files or of a store prefix's listing; a preset name / Kaggle handle as given."""
+    files or of a store prefix's listing; a preset name / Kaggle handle as given. The save time
+    keras-hub writes into metadata.json is left out: re-saving the same preset is no change."""
     path = Path(preset).expanduser()
     if path.is_dir():
         h = hashlib.sha256()
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            h.update(f.relative_to(path).as_posix().encode() + b"\0")
-            h.update(hashlib.sha256(f.read_bytes()).digest())
+            rel = f.relative_to(path).as_posix()
+            h.update(rel.encode() + b"\0")
+            h.update(bytes.fromhex(_preset_file_digest(rel, f.read_bytes())))
         return "dir:" + h.hexdigest()
     rel = _store_prefix(store, preset)
     if rel is not None:
-        listing = [(o.key[len(rel):], o.size, o.etag) for o in store.list(rel)]
+        listing = []
+        for o in store.list(rel):
+            name = o.key[len(rel):]
+            if name == _PRESET_METADATA:  # small: read, so that its save time can be left out
+                listing.append((name, "sha256", _preset_file_digest(name,
+                                                                    store.get_bytes(o.key)[0])))
+            else:
+                listing.append((name, o.size, o.etag))
         if not listing:
             raise FileNotFoundError(f"preset prefix {store.uri(rel)} is empty")
         return "store:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()

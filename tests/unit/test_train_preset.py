@@ -3,6 +3,7 @@ are identified by content, and a store prefix is synced to the local cache."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,33 @@ def test_store_prefix_is_synced_to_the_cache(store, tmp_path, as_uri):
     assert preset_identity(store, ref) != ident
     with pytest.raises(FileNotFoundError, match="empty"):
         preset_identity(store, store.uri("presets/nothing-here"))
+
+
+def _metadata(saved: str, params: int = 1234) -> bytes:
+    # what keras-hub's save_to_preset writes (preset_utils.py: "date_saved" is the save time)
+    return json.dumps({"keras_version": "3.15.1", "keras_hub_version": "0.32.0",
+                       "parameter_count": params, "date_saved": saved, "tasks": []},
+                      indent=4).encode()
+
+
+def test_resaving_the_same_preset_keeps_its_identity(store, tmp_path):
+    """keras-hub stamps the save time into metadata.json: the same weights saved again must not
+    change the training fingerprint (hours of retraining), while any other change must."""
+    dirs = {}
+    for label, meta in (("first", _metadata("2026-11-28@20:19:51")),
+                        ("resaved", _metadata("2026-11-29@00:28:43")),
+                        ("other", _metadata("2026-11-29@00:28:43", params=999))):
+        d = _preset_dir(tmp_path / label)
+        (d / "metadata.json").write_bytes(meta)
+        for f in d.iterdir():
+            store.put_file(f"presets/{label}/{f.name}", f)
+        dirs[label] = d
+    for ref in (lambda k: str(dirs[k]), lambda k: store.uri(f"presets/{k}")):
+        assert preset_identity(store, ref("first")) == preset_identity(store, ref("resaved"))
+        assert preset_identity(store, ref("first")) != preset_identity(store, ref("other"))
+    # a metadata.json that is not JSON is identified by its bytes, not rejected here
+    bad = _preset_dir(tmp_path / "bad")
+    (bad / "metadata.json").write_bytes(b"{not json")
+    ident = preset_identity(store, str(bad))
+    (bad / "metadata.json").write_bytes(b"{not json either")
+    assert preset_identity(store, str(bad)) != ident
