@@ -325,13 +325,17 @@ def train(store: Store, tfrecords_uri: str, cfg: TrainConfig, *, cache_dir=None,
     cfg.validate()
     records = load_output(store, tfrecords_uri, expect_step="tfrecords")
     inputs = {"tfrecords": records.fingerprint, "preset": preset_identity(store, cfg.preset)}
-    fp = fingerprint(STEP, SCHEMA_VERSION, inputs, cfg.fingerprint_fields())
+    # the preset enters through inputs["preset"] (a directory or prefix by its content), not by
+    # its path: the same preset in another checkout or cache is the same starting point
+    config = cfg.fingerprint_fields()
+    config.pop("preset", None)
+    fp = fingerprint(STEP, SCHEMA_VERSION, inputs, config)
     cache = cache_root(cache_dir)
 
     def body(writer: StepWriter) -> dict:
         return _train_body(store, writer, records, cfg, cache, fp)
 
-    return run_step(store, STEP, SCHEMA_VERSION, inputs=inputs, config=cfg.fingerprint_fields(),
+    return run_step(store, STEP, SCHEMA_VERSION, inputs=inputs, config=config,
                     body=body, force=force, resume=True, fp=fp, run_id=run_id,
                     lease_ttl_s=LEASE_TTL_S,
                     extra_manifest={"train_config": cfg.to_dict()})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,6 +90,17 @@ def test_fine_tuning_learns_the_synthetic_pets_and_is_cached(setup):
     assert history[-1]["loss"] < history[0]["loss"]
     again = train(store, records.uri, cfg, cache_dir=work / "cache")
     assert again.cache_hit and again.fingerprint == result.fingerprint
+    # the same preset elsewhere (another checkout) and saved again (keras-hub stamps the save
+    # time into metadata.json) is the same starting point: a cache hit, not a retrain
+    moved = work / "preset-elsewhere"
+    shutil.copytree(preset, moved)
+    meta = json.loads((moved / "metadata.json").read_text())
+    assert "date_saved" in meta  # what keras-hub writes; if it stops, this test must change
+    meta["date_saved"] = "2031-01-01@00:00:00"
+    (moved / "metadata.json").write_text(json.dumps(meta))
+    elsewhere = train(store, records.uri, _config(moved, num_steps=300, checkpoint_every_n=100,
+                                                  log_every_n=50), cache_dir=work / "cache")
+    assert elsewhere.cache_hit and elsewhere.fingerprint == result.fingerprint
 
 
 def test_sigkill_then_rerun_resumes_from_the_checkpoint(setup, tmp_path):
