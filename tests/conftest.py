@@ -64,6 +64,13 @@ def airflow_db():
     """An initialised Airflow metadata DB (SQLite, in the session's AIRFLOW_HOME)."""
     subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    # Airflow sets up its logging on first import, bound to the sys.stdout/stderr of that
+    # moment. Import it here, under pytest's session-wide capture: first imported inside a test
+    # that uses capfd, its loggers would keep capfd's streams, which close when that test ends
+    # ("I/O operation on closed file" when a DAG test file runs on its own).
+    import airflow.settings  # noqa: F401
+    from airflow.dag_processing.dagbag import DagBag  # noqa: F401
+
     return os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
 
 
