@@ -402,8 +402,8 @@ class DetectShardsOperator(_DetectOperator):
 
         store, cfg, p = self._plan()
         reports = run_shards(store, p, [int(u) for u in self.units], cfg)
-        return {"uri": p.uri, "fingerprint": p.fingerprint, "shards": [int(u) for u in
-                                                                      self.units],
+        return {"uri": p.uri, "fingerprint": p.fingerprint, "cache_hit": p.cache_hit,
+                "shards": [int(u) for u in self.units],
                 "images": sum(len(r.get("records", [])) for r in reports),
                 "failed": sum(1 for r in reports for rec in r.get("records", [])
                               if "error" in rec)}

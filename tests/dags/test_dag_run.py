@@ -38,16 +38,20 @@ def _dag():
     return bag.dags["petdet_retrain"]
 
 
-def _xcom(dag_run, task_id, key="return_value"):
+def _xcom(dag_run, task_id, key="return_value", map_index=-1):
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
         row = session.query(XComModel).filter_by(
             dag_id=dag_run.dag_id, run_id=dag_run.run_id, task_id=task_id, key=key,
-            map_index=-1).one()
+            map_index=map_index).one()
         value = row.value
     return json.loads(value) if isinstance(value, str) else value
+
+
+def _mapped_xcoms(dag_run, task_id, n):
+    return [_xcom(dag_run, task_id, map_index=i) for i in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +144,11 @@ def test_dag_test_runs_the_pipeline_into_s3_then_hits_the_cache(airflow_db, seaw
         assert _xcom(run2, "train")["cache_hit"] is True
         for task_id in ("export", "evaluate", "detect_gather"):
             assert _xcom(run2, task_id)["cache_hit"] is True, task_id
+        # the mapped shard tasks say so too (the demo's summary reads this), and wrote nothing
+        for task_id in ("tfrecords_shards", "detect_shards"):
+            assert [x["cache_hit"] for x in _mapped_xcoms(run1, task_id, 2)] == [False] * 2
+            assert [x["cache_hit"] for x in _mapped_xcoms(run2, task_id, 2)] == [True] * 2
+        assert [x["images"] for x in _mapped_xcoms(run2, "detect_shards", 2)] == [0, 0]
         assert "already in production" in _xcom(run2, "promote")["reason"]
 
         # a new model that must beat production by 1.0 mAP: not promoted, and with
