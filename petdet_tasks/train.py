@@ -46,6 +46,14 @@ SCHEMA_VERSION = 1
 CHECKPOINTS = "checkpoints/"
 KEEP_CHECKPOINTS = 2
 LEASE_TTL_S = float(os.environ.get("PETDET_TRAIN_LEASE_TTL_S", "120"))
+# The detection loss (focal classification + Huber box regression, per matched anchor) starts
+# around 1-10 from a preset and falls. A mean beyond this, or not finite, means the weights have
+# blown up: the step stops there rather than commit a model that only looks trained.
+DIVERGED_LOSS = 1e6
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became non-finite or exploded; nothing is committed."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,6 +494,17 @@ def _make_progress_class():
         def on_train_batch_end(self, batch, logs=None):
             self.step += 1
             running = float((logs or {}).get("loss", float("nan")))
+            if not abs(running) < DIVERGED_LOSS:  # also NaN
+                lr, since = self.cfg.learning_rate, self.step - batch - 1
+                kept = (f"the checkpoints up to step {since} are kept" if since else
+                        "no checkpoint was written")
+                raise TrainingDiverged(
+                    f"training diverged at step {self.step}: the mean loss since step {since} "
+                    f"is {running:g}. Nothing is committed ({kept}), but the same config would "
+                    f"diverge again: lower learning_rate ({lr.kind}, initial "
+                    f"{lr.initial_learning_rate:g}), add warmup_steps, or set clipnorm (now "
+                    f"{self.cfg.clipnorm}); a changed config is a new fingerprint and trains "
+                    "afresh")
             # this batch's own loss, recovered from the running mean over batches 0..batch
             self.losses.append((batch + 1) * running - batch * self.running)
             self.running = running

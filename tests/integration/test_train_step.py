@@ -22,7 +22,7 @@ from petdet_tasks.manifest import read_manifest
 from petdet_tasks.sample_data import make_sample
 from petdet_tasks.store import LocalStore
 from petdet_tasks.tfrecords import TFRecordConfig, build
-from petdet_tasks.train import learning_rate_schedule, train
+from petdet_tasks.train import TrainingDiverged, learning_rate_schedule, train
 from petdet_tasks.train_config import LRSchedule, TrainConfig
 
 pytestmark = pytest.mark.slow
@@ -160,3 +160,18 @@ def test_mixed_precision_path_runs_on_cpu(setup):
         keras.mixed_precision.set_global_policy("float32")
     assert out["steps"] == 4 and out["mixed_precision"] is True
     assert math.isfinite(out["final_loss"])
+
+
+def test_a_diverging_run_fails_clearly_and_commits_nothing(setup):
+    """A learning rate far too high blows the loss up within a few steps: the step must stop
+    there and say what to change, not commit a model that only looks trained."""
+    work, store, records, preset = setup
+    cfg = _config(preset, num_steps=6, checkpoint_every_n=3, clipnorm=None,
+                  learning_rate=LRSchedule(kind="constant", initial_learning_rate=5.0))
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step \d: the mean loss "
+                       r"since step \d is .*lower learning_rate \(constant, initial 5\)"):
+        train(store, records.uri, cfg, cache_dir=work / "cache")
+    for obj in store.list("training/"):
+        if obj.key.endswith("/_MANIFEST.json"):
+            config = json.loads(store.get_bytes(obj.key)[0])["train_config"]
+            assert config["learning_rate"]["initial_learning_rate"] != 5.0, obj.key
