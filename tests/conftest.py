@@ -69,7 +69,6 @@ def airflow_db():
     # that uses capfd, its loggers would keep capfd's streams, which close when that test ends
     # ("I/O operation on closed file" when a DAG test file runs on its own).
     import airflow.settings  # noqa: F401
-    from airflow.dag_processing.dagbag import DagBag  # noqa: F401
 
     return os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
 
