@@ -66,7 +66,7 @@ _PRESET_METADATA = "metadata.json"
 _VOLATILE_METADATA = ("date_saved",)
 
 
-def _preset_file_digest(rel: str, data: bytes) -> str:
+def _preset_file_digest(rel: str, data: bytes) -> bytes:
     """sha256 of a preset file's content; the root metadata.json without its save time."""
     if rel == _PRESET_METADATA:
         try:
@@ -77,7 +77,7 @@ def _preset_file_digest(rel: str, data: bytes) -> str:
             for key in _VOLATILE_METADATA:
                 meta.pop(key, None)
             data = json.dumps(meta, sort_keys=True).encode()
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(data).digest()
 
 
 def preset_identity(store: Store, preset: str) -> str:
@@ -90,7 +90,7 @@ def preset_identity(store: Store, preset: str) -> str:
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
             rel = f.relative_to(path).as_posix()
             h.update(rel.encode() + b"\0")
-            h.update(bytes.fromhex(_preset_file_digest(rel, f.read_bytes())))
+            h.update(_preset_file_digest(rel, f.read_bytes()))
         return "dir:" + h.hexdigest()
     rel = _store_prefix(store, preset)
     if rel is not None:
@@ -98,8 +98,8 @@ def preset_identity(store: Store, preset: str) -> str:
         for o in store.list(rel):
             name = o.key[len(rel):]
             if name == _PRESET_METADATA:  # small: read, so that its save time can be left out
-                listing.append((name, "sha256", _preset_file_digest(name,
-                                                                    store.get_bytes(o.key)[0])))
+                digest = _preset_file_digest(name, store.get_bytes(o.key)[0])
+                listing.append((name, "sha256", digest.hex()))
             else:
                 listing.append((name, o.size, o.etag))
         if not listing:
