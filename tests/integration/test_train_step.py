@@ -168,9 +168,14 @@ def test_a_diverging_run_fails_clearly_and_commits_nothing(setup):
     work, store, records, preset = setup
     cfg = _config(preset, num_steps=6, checkpoint_every_n=3, clipnorm=None,
                   learning_rate=LRSchedule(kind="constant", initial_learning_rate=5.0))
+    def manifests():
+        return {o.key for o in store.list("training/") if o.key.endswith("/_MANIFEST.json")}
+
+    before = manifests()
     with pytest.raises(TrainingDiverged, match=r"training diverged at step \d: the mean loss "
                        r"since step \d is .*lower learning_rate \(constant, initial 5\)"):
         train(store, records.uri, cfg, cache_dir=work / "cache")
+    assert manifests() == before  # nothing committed, whichever tests ran before
     for obj in store.list("training/"):
         if obj.key.endswith("/_MANIFEST.json"):
             config = json.loads(store.get_bytes(obj.key)[0])["train_config"]
