@@ -2,6 +2,10 @@
 
 Logs go to stderr; the last stdout line of every step command is one JSON object with at
 least ``uri``, ``fingerprint`` and ``cache_hit`` (what the Airflow operator pushes to XCom).
+
+Exit status: 0 done; 1 failed, and a retry may pass (store, network, a killed worker); 2 the
+inputs or config are at fault (``petdet_tasks.errors.PermanentError``, or a usage error), so
+a retry would fail the same way.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import sys
 
 from petdet_tasks import __version__
+from petdet_tasks.errors import PermanentError
 
 
 def _store(root: str):
@@ -240,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         logging.getLogger("petdet").error("%s failed: %s", args.command, e,
                                           exc_info=args.verbose)
-        return 1
+        # 2: the inputs or config are at fault, a retry would fail again (as for a usage error)
+        return 2 if isinstance(e, PermanentError) else 1
     if isinstance(out, int):
         return out
     print(json.dumps(out, sort_keys=True))

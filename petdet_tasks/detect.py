@@ -95,6 +95,7 @@ from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from petdet_tasks import annotate
+from petdet_tasks.errors import ConfigError
 from petdet_tasks.label_map import LabelMap, parse_label_map
 from petdet_tasks.layout import PRODUCTION_POINTER, fingerprint, split_output_uri, step_prefix
 from petdet_tasks.manifest import StepResult, StepWriter, load_output, read_manifest, run_step
@@ -158,7 +159,7 @@ class DetectConfig:
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 problems.append(f"{name} must be an integer in {lo}..{hi}, got {v!r}")
         if problems:
-            raise ValueError("invalid detect config: " + "; ".join(problems))
+            raise ConfigError("invalid detect config: " + "; ".join(problems))
         return self
 
     def to_dict(self) -> dict:
@@ -177,21 +178,21 @@ class DetectConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise ValueError(f"unknown detect config keys {unknown}; expected some of "
-                             f"{sorted(fields)}")
+            raise ConfigError(f"unknown detect config keys {unknown}; expected some of "
+                              f"{sorted(fields)}")
         out: dict[str, Any] = {}
         for k, v in values.items():
             if v is None or (isinstance(v, str) and v.strip() in ("", "None")):
                 continue
             kind = type(getattr(cls, k))
             if isinstance(v, bool):
-                raise ValueError(f"detect config {k}={v!r}: expected {kind.__name__}")
+                raise ConfigError(f"detect config {k}={v!r}: expected {kind.__name__}")
             try:
                 if kind is int and isinstance(v, float) and not v.is_integer():
                     raise ValueError
                 out[k] = kind(float(v)) if kind is int and isinstance(v, float) else kind(v)
             except (TypeError, ValueError):
-                raise ValueError(f"detect config {k}={v!r}: expected {kind.__name__}") from None
+                raise ConfigError(f"detect config {k}={v!r}: expected {kind.__name__}") from None
         return cls(**out).validate()
 
 
@@ -369,7 +370,7 @@ def _resolve_images(store: Store, images: str) -> tuple[str, str | Path]:
     """``("store", prefix)`` or ``("local", folder)`` for an ``images`` argument."""
     s = str(images).strip()
     if not s:
-        raise ValueError("images is empty")
+        raise ConfigError("images is empty")
     root = store.root.rstrip("/")
     local_root = None if store.remote else Path(store.root)
     if s.startswith("file://"):
@@ -377,8 +378,8 @@ def _resolve_images(store: Store, images: str) -> tuple[str, str | Path]:
     if s == root or s.startswith(root + "/"):
         prefix = s[len(root):].strip("/")
     elif s.startswith("s3://") or "://" in s:
-        raise ValueError(f"images {images!r} is not under the store root {store.root}: copy "
-                         "the images into the store, or pass a local folder")
+        raise ConfigError(f"images {images!r} is not under the store root {store.root}: copy "
+                          "the images into the store, or pass a local folder")
     elif os.path.isabs(s) or s.startswith(("./", "../", "~")):
         path = Path(s).expanduser().resolve()
         if local_root is not None and (path == local_root or local_root in path.parents):
@@ -392,8 +393,8 @@ def _resolve_images(store: Store, images: str) -> tuple[str, str | Path]:
         if not any(True for _ in store.list(prefix + "/")) and Path(s).is_dir():
             return "local", Path(s).resolve()
     if not prefix or prefix == ".":
-        raise ValueError(f"images {images!r} names the whole store: give the prefix that "
-                         "holds the images")
+        raise ConfigError(f"images {images!r} names the whole store: give the prefix that "
+                          "holds the images")
     return "store", prefix + "/"
 
 
@@ -452,8 +453,8 @@ def plan(store: Store, model_uri: str | None, images: str | None, cfg: DetectCon
 def _check_config(p: DetectPlan, cfg: DetectConfig) -> None:
     cfg.validate()
     if cfg.fingerprint_fields() != p.config:
-        raise ValueError(f"the config {cfg.fingerprint_fields()} is not the one the plan was "
-                         f"made with {p.config}")
+        raise ConfigError(f"the config {cfg.fingerprint_fields()} is not the one the plan was "
+                          f"made with {p.config}")
 
 
 def part_key(p: DetectPlan, unit: int) -> str:

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from petdet_tasks.defaults import OFFICIAL_BASE
+from petdet_tasks.errors import PermanentError
 from petdet_tasks.fetch import (
     FetchError,
     fetch,
@@ -61,7 +62,7 @@ PINNED: dict[str, tuple[int, str]] = {
 REQUIRED = ("annotations/list.txt", "annotations/trainval.txt", "annotations/test.txt")
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(PermanentError, ValueError):
     """The archives did not contain the Oxford-IIIT Pet layout."""
 
 

@@ -28,6 +28,7 @@ import os
 import time
 from pathlib import Path
 
+from petdet_tasks.errors import ConfigError
 from petdet_tasks.layout import cache_root, fingerprint, step_prefix
 from petdet_tasks.manifest import StepResult, StepWriter, load_output, run_step
 from petdet_tasks.store import Store
@@ -46,9 +47,9 @@ class EvalConfig:
 
     def validate(self) -> EvalConfig:
         if not self.split.isidentifier():
-            raise ValueError(f"split must be a split name like 'val', got {self.split!r}")
+            raise ConfigError(f"split must be a split name like 'val', got {self.split!r}")
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+            raise ConfigError(f"batch_size must be a positive int, got {self.batch_size!r}")
         return self
 
     def fingerprint_fields(self) -> dict:

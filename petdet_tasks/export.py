@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
+from petdet_tasks.errors import ConfigError, PermanentError
 from petdet_tasks.layout import cache_root, fingerprint, step_prefix
 from petdet_tasks.manifest import StepResult, StepWriter, fetch_tree, load_output, run_step
 from petdet_tasks.store import Store
@@ -78,7 +79,7 @@ NMS_FLIP_FRACTION = 0.05
 NMS_FLIP_IOU_BAND = 0.05
 
 
-class ExportError(RuntimeError):
+class ExportError(PermanentError, RuntimeError):
     """The model cannot be exported as it is, or an exported artefact disagrees with it."""
 
 
@@ -100,7 +101,7 @@ class ExportConfig:
             errors.append(f"max_detections must be an int in 1..1000, got "
                           f"{self.max_detections!r}")
         if errors:
-            raise ValueError("bad export config: " + "; ".join(errors))
+            raise ConfigError("bad export config: " + "; ".join(errors))
         return self
 
     def to_dict(self) -> dict:
@@ -111,8 +112,8 @@ class ExportConfig:
         d = dict(d or {})
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown export config fields {unknown}; known: "
-                             f"{[f.name for f in dataclasses.fields(cls)]}")
+            raise ConfigError(f"unknown export config fields {unknown}; known: "
+                              f"{[f.name for f in dataclasses.fields(cls)]}")
         return cls(**d).validate()
 
 

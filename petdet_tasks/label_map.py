@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from petdet_tasks.breeds import BREEDS
+from petdet_tasks.errors import PermanentError
 
 __all__ = [
     "LabelMap",
@@ -51,7 +52,7 @@ class LabelMapItem:
     display_name: str | None = None
 
 
-class LabelMapError(ValueError):
+class LabelMapError(PermanentError, ValueError):
     """A label map that cannot be read or is not valid.
 
     ``str()`` reads ``SOURCE, line N: MESSAGE`` (``SOURCE`` is a file path or ``<string>``;

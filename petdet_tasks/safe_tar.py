@@ -17,6 +17,8 @@ import re
 import tarfile
 from pathlib import Path, PurePosixPath
 
+from petdet_tasks.errors import PermanentError
+
 __all__ = ["NotATarArchive", "UnsafeArchiveError", "check_members", "safe_extract"]
 
 #: Maximum number of symlinks followed while resolving one path (Linux uses 40).
@@ -26,7 +28,7 @@ _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 
 
-class UnsafeArchiveError(ValueError):
+class UnsafeArchiveError(PermanentError, ValueError):
     """An archive member could escape the destination or is not plain data.
 
     The message names the archive, the offending member and the reason; the same values are

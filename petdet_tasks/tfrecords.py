@@ -46,6 +46,7 @@ from typing import NamedTuple
 from lxml import etree
 
 from petdet_tasks.breeds import breed_of
+from petdet_tasks.errors import ConfigError, PermanentError
 from petdet_tasks.images import CHECK_MODES, check_image
 from petdet_tasks.label_map import LabelMap, load_label_map, pets_label_map
 from petdet_tasks.layout import fingerprint, step_prefix
@@ -62,7 +63,7 @@ PARTS = "_parts/"
 HIST_BINS = 10
 
 
-class DataQualityError(ValueError):
+class DataQualityError(PermanentError, ValueError):
     """The data failed the quality gate; the message says which rule and the numbers."""
 
 
@@ -107,7 +108,7 @@ class TFRecordConfig:
         if not (50 <= int(self.jpeg_quality) <= 100):
             problems.append(f"jpeg_quality must be in 50..100, got {self.jpeg_quality!r}")
         if problems:
-            raise ValueError("invalid tfrecords config: " + "; ".join(problems))
+            raise ConfigError("invalid tfrecords config: " + "; ".join(problems))
         return self
 
     @classmethod
@@ -117,8 +118,8 @@ class TFRecordConfig:
         fields = {f.name: f for f in cls.__dataclass_fields__.values()}
         unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise ValueError(f"unknown tfrecords config keys {unknown}; expected some of "
-                             f"{sorted(fields)}")
+            raise ConfigError(f"unknown tfrecords config keys {unknown}; expected some of "
+                              f"{sorted(fields)}")
         out = {}
         for k, v in values.items():
             if v is None or (isinstance(v, str) and v.strip() in ("", "None")):
@@ -131,8 +132,8 @@ class TFRecordConfig:
                 try:
                     out[k] = kind(v)
                 except (TypeError, ValueError):
-                    raise ValueError(f"tfrecords config {k}={v!r}: expected "
-                                     f"{kind.__name__}") from None
+                    raise ConfigError(f"tfrecords config {k}={v!r}: expected "
+                                      f"{kind.__name__}") from None
             else:
                 out[k] = str(v)
         return cls(**out).validate()
@@ -234,7 +235,7 @@ def _extra_prefix(store: Store, extra: str) -> str:
     root = store.root.rstrip("/") + "/"
     rel = extra[len(root):] if extra.startswith(root) else extra
     if "://" in rel or rel.startswith("/"):
-        raise ValueError(f"extra data {extra!r} must be a prefix inside the store {store.root}")
+        raise ConfigError(f"extra data {extra!r} must be a prefix inside the store {store.root}")
     return rel.strip("/") + "/"
 
 

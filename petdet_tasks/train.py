@@ -34,6 +34,7 @@ import shutil
 import time
 from pathlib import Path
 
+from petdet_tasks.errors import PermanentError
 from petdet_tasks.layout import cache_root, fingerprint, step_prefix
 from petdet_tasks.manifest import StepResult, StepWriter, load_output, run_step
 from petdet_tasks.store import NotFound, Store, sha256_file
@@ -52,7 +53,7 @@ LEASE_TTL_S = float(os.environ.get("PETDET_TRAIN_LEASE_TTL_S", "120"))
 DIVERGED_LOSS = 1e6
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(PermanentError, RuntimeError):
     """The loss became non-finite or exploded; nothing is committed."""
 
 

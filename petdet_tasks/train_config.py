@@ -26,6 +26,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from petdet_tasks.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 LR_KINDS = ("constant", "manual_step", "cosine")
@@ -38,14 +40,6 @@ DEFAULT_PRESET = "retinanet_resnet50_fpn_coco"
 
 # Fields that do not change the trained model: left out of the step's fingerprint.
 NON_MODEL_FIELDS = ("log_every_n", "checkpoint_every_n", "label_map_path", "input_paths")
-
-
-class ConfigError(ValueError):
-    """A configuration problem. ``problems`` holds one line per problem."""
-
-    def __init__(self, message: str, problems: list[str] | None = None):
-        super().__init__(message)
-        self.problems = list(problems) if problems else [message]
 
 
 # --------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from petdet_tasks.errors import ConfigError
 from petdet_tasks.label_map import LabelMap, parse_label_map
 from petdet_tasks.layout import step_prefix
 from petdet_tasks.manifest import load_output
@@ -133,7 +134,7 @@ class InputConfig:
             problems.append(f"shuffle_buffer must be a positive integer, got "
                             f"{self.shuffle_buffer!r}")
         if problems:
-            raise ValueError("invalid input config: " + "; ".join(problems))
+            raise ConfigError("invalid input config: " + "; ".join(problems))
         return self
 
     def to_json(self) -> dict:
@@ -158,7 +159,7 @@ def stage_shards(store: Store, tfrecords_uri: str, split: str,
     an intact copy (size and sha256 match) is reused, anything else is downloaded again
     (atomically: a failed download leaves no file)."""
     if not _SPLIT_RE.fullmatch(split):
-        raise ValueError(f"invalid split name {split!r}: expected letters, digits or '_'")
+        raise ConfigError(f"invalid split name {split!r}: expected letters, digits or '_'")
     result = load_output(store, tfrecords_uri, expect_step="tfrecords")
     files: Mapping[str, dict] = result.manifest["files"]
     names = sorted(rel for rel in files if _is_shard(rel, split))

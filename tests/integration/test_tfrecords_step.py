@@ -240,6 +240,30 @@ def test_cli(store, dataset, tmp_path, request):
     assert first["train"] > 0 and first["val"] > 0
 
 
+def test_cli_exit_status_says_whether_a_retry_can_help(store, dataset, request):
+    """2: the data or the config is at fault (a rerun fails the same way); 1: anything else."""
+    uri, _ = dataset
+    env = dict(os.environ)
+    if store.root.startswith("s3://"):
+        env.update(request.getfixturevalue("seaweed").env)
+    base = [sys.executable, "-m", "petdet_tasks", "tfrecords", "--store", store.root,
+            "--shards", "2", "--workers", "1"]
+
+    def run(*args):
+        return subprocess.run([*base, *args], capture_output=True, text=True, timeout=300,
+                              env=env)
+
+    gate = run("--dataset", uri, "--classes", "all", "--max-quarantine", "0.05")
+    assert gate.returncode == 2, gate.stderr
+    assert "have no training example" in gate.stderr and "Traceback" not in gate.stderr
+    bad_config = run("--dataset", uri, "--val-fraction", "2")
+    assert bad_config.returncode == 2, bad_config.stderr
+    assert "val_fraction must be in (0, 1), got 2.0" in bad_config.stderr
+    missing = run("--dataset", uri.rsplit("/", 1)[0] + "/0000000000")
+    assert missing.returncode == 1, missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
 def test_an_image_changed_in_the_store_after_download_is_an_error(store, dataset):
     uri, _ = dataset
     cfg = TFRecordConfig(**SAMPLE_CFG)
