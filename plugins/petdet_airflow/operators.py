@@ -1,8 +1,10 @@
 """Thin operators: store (templated) arguments in ``__init__``, make one ``petdet_tasks`` call
-in ``execute``, return the small JSON result (URI, fingerprint, cache flag) for XCom.
+in ``execute_step``, return the small JSON result (URI, fingerprint, cache flag) for XCom.
 
-Heavy libraries (boto3, TensorFlow, ...) are imported inside ``execute`` only, so DAG files
-that import this module parse fast and never pull them.
+A failure a retry cannot mend (``petdet_tasks.errors.PermanentError``) fails the task at once
+(``AirflowFailException``); any other failure is retried as the DAG says. Heavy libraries
+(boto3, TensorFlow, ...) are imported when a task runs, never at import, so DAG files that
+import this module parse fast and never pull them.
 """
 
 from __future__ import annotations
@@ -43,6 +45,25 @@ class PetdetOperator(BaseOperator):
             client = S3Hook(aws_conn_id=self.aws_conn_id).get_conn()
         return open_store(root, s3_client=client)
 
+    def execute(self, context) -> Any:
+        """Run :meth:`execute_step`; a failure that a retry cannot mend (a
+        :class:`petdet_tasks.errors.PermanentError`: bad config, data that fails the quality
+        gate, diverged training, ...) fails the task at once instead of using up its retries."""
+        from petdet_tasks.errors import PermanentError
+
+        try:
+            return self.execute_step(context)
+        except PermanentError as e:
+            from airflow.sdk.exceptions import AirflowFailException
+
+            raise AirflowFailException(
+                f"{type(e).__name__}: {e} (not retried: the same inputs and config would fail "
+                "again; change them and rerun)") from e
+
+    def execute_step(self, context) -> Any:
+        """The step itself (each operator's own)."""
+        raise NotImplementedError
+
 
 def _as_bool(value: Any) -> bool:
     if isinstance(value, str):
@@ -70,7 +91,7 @@ class DownloadPetsOperator(PetdetOperator):
         self.force = force
         self.cache_dir = cache_dir
 
-    def execute(self, context) -> dict:
+    def execute_step(self, context) -> dict:
         from petdet_tasks.download import DownloadConfig, download
 
         cfg = DownloadConfig(source=str(self.source), cache_dir=self.cache_dir,
@@ -121,7 +142,7 @@ class TFRecordsPlanOperator(_TFRecordsOperator):
         super().__init__(**kwargs)
         self.shard_tasks = shard_tasks
 
-    def execute(self, context) -> list:
+    def execute_step(self, context) -> list:
         _, _, p = self._plan()
         groups = p.groups(int(self.shard_tasks))
         context["ti"].xcom_push(key="plan", value={
@@ -144,7 +165,7 @@ class TFRecordsShardsOperator(_TFRecordsOperator):
         super().__init__(**kwargs)
         self.units = units
 
-    def execute(self, context) -> dict:
+    def execute_step(self, context) -> dict:
         from petdet_tasks.tfrecords import write_shards
 
         store, cfg, p = self._plan()
@@ -159,7 +180,7 @@ class TFRecordsGatherOperator(_TFRecordsOperator):
     """Check every shard is there, write ``data_report.json`` + ``label_map.pbtxt``, apply the
     quality gate (fails the task with the reason) and commit the manifest."""
 
-    def execute(self, context) -> dict:
+    def execute_step(self, context) -> dict:
         from petdet_tasks.tfrecords import gather
 
         store, cfg, p = self._plan()
@@ -193,7 +214,7 @@ class TrainDetectorOperator(PetdetOperator):
         self.config_file = config_file
         self.force = force
 
-    def execute(self, context) -> dict:
+    def execute_step(self, context) -> dict:
         from petdet_tasks.train import train
         from petdet_tasks.train_config import TrainConfig, load_train_config
 
@@ -238,7 +259,7 @@ class ExportModelOperator(PetdetOperator):
         self.config = config or {}
         self.force = force
 
-    def execute(self, context) -> dict:
+    def execute_step(self, context) -> dict:
         from petdet_tasks.export import ExportConfig, export
 
         cfg = ExportConfig.from_dict(_drop_empty(dict(self.config)))
@@ -269,7 +290,7 @@ class EvaluateModelOperator(PetdetOperator):
         self.split = split
         self.force = force
 
-    def execute(self, context) -> dict:
+    def execute_step(self, context) -> dict:
         from petdet_tasks.evaluate import EvalConfig, evaluate
 
         result = evaluate(self.get_store(), str(self.model_uri), str(self.tfrecords_uri),
@@ -305,7 +326,7 @@ class PromoteModelOperator(PetdetOperator):
         self.margin = margin
         self.skip_downstream_if_not_promoted = skip_downstream_if_not_promoted
 
-    def execute(self, context) -> dict:
+    def execute_step(self, context) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
         from petdet_tasks.evaluate import promote_evaluated
@@ -372,7 +393,7 @@ class DetectPlanOperator(_DetectOperator):
         super().__init__(**kwargs)
         self.shard_tasks = shard_tasks
 
-    def execute(self, context) -> list:
+    def execute_step(self, context) -> list:
         _, _, p = self._plan()
         groups = p.groups(int(self.shard_tasks))
         context["ti"].xcom_push(key="plan", value={
@@ -397,7 +418,7 @@ class DetectShardsOperator(_DetectOperator):
         super().__init__(**kwargs)
         self.units = units
 
-    def execute(self, context) -> dict:
+    def execute_step(self, context) -> dict:
         from petdet_tasks.detect import run_shards
 
         store, cfg, p = self._plan()
@@ -413,7 +434,7 @@ class DetectGatherOperator(_DetectOperator):
     """Merge the shards: ``detections.jsonl``, ``detections.csv``, ``summary.json`` and the
     ``index.html`` gallery, then commit the manifest."""
 
-    def execute(self, context) -> dict:
+    def execute_step(self, context) -> dict:
         from petdet_tasks.detect import gather
 
         store, cfg, p = self._plan()
