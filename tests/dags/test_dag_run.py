@@ -75,8 +75,10 @@ def gpu_pool(airflow_db):
 def test_dag_test_runs_the_pipeline_into_s3_then_hits_the_cache(airflow_db, seaweed, s3_client,
                                                                 aws_connection, sample_archives,
                                                                 tiny_preset, gpu_pool, tmp_path,
-                                                                caplog, capfd):
+                                                                caplog, capfd, monkeypatch):
     src, summary = sample_archives
+    # a download cache of its own: the archive requests below count real downloads
+    monkeypatch.setenv("PETDET_CACHE_DIR", str(tmp_path / "cache"))
     root = f"s3://{seaweed.bucket}/dagtest-{uuid.uuid4().hex[:8]}"
     dag = _dag()
     with serve_directory(src) as server:
