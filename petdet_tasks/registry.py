@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from petdet_tasks.errors import PermanentError
 from petdet_tasks.layout import PRODUCTION_POINTER, split_output_uri
 from petdet_tasks.store import NotFound, PreconditionFailed, Store
 
@@ -40,6 +41,11 @@ REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
     "value": (int, float),
     "metrics": dict,
 }
+
+
+class RegistryError(PermanentError, ValueError):
+    """The production pointer is unreadable, or the promotion cannot be decided as asked (an
+    unknown metric, a bad margin): a retry would meet the same pointer and arguments."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +89,7 @@ def _pointer_uri(store: Store) -> str:
 def read_production(store: Store) -> tuple[dict | None, str | None]:
     """(pointer, etag); (None, None) when no model was promoted yet.
 
-    A pointer that is not valid JSON or lacks required fields raises ValueError naming the key
+    A pointer that is not valid JSON or lacks required fields raises RegistryError naming the key
     (never silently treated as empty: that would let any model replace the champion).
     """
     try:
@@ -94,40 +100,40 @@ def read_production(store: Store) -> tuple[dict | None, str | None]:
     try:
         pointer = json.loads(data)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise ValueError(f"{where} is not valid JSON ({e}); fix or remove it by hand") from None
+        raise RegistryError(f"{where} is not valid JSON ({e}); fix or remove it by hand") from None
     if not isinstance(pointer, dict):
-        raise ValueError(
+        raise RegistryError(
             f"{where} is not a production pointer: expected a JSON object, got "
             f"{type(pointer).__name__}")
     missing = [k for k in REQUIRED_FIELDS if k not in pointer]
     if missing:
-        raise ValueError(
+        raise RegistryError(
             f"{where} is not a production pointer: missing field(s) "
             + ", ".join(repr(k) for k in missing))
     wrong = [k for k, t in REQUIRED_FIELDS.items()
              if not isinstance(pointer[k], t) or isinstance(pointer[k], bool)]
     if wrong:
-        raise ValueError(
+        raise RegistryError(
             f"{where} is not a production pointer: wrong type for field(s) "
             + ", ".join(f"{k!r} ({type(pointer[k]).__name__})" for k in wrong))
     if pointer["schema"] != SCHEMA_VERSION:
-        raise ValueError(
+        raise RegistryError(
             f"{where} has schema {pointer['schema']}, this code reads schema {SCHEMA_VERSION}")
     if _number(pointer["value"]) is None:
-        raise ValueError(f"{where} has a non-finite value {pointer['value']!r}")
+        raise RegistryError(f"{where} has a non-finite value {pointer['value']!r}")
     if not pointer["model_fingerprint"] or not pointer["model_uri"]:
-        raise ValueError(f"{where} has an empty model_uri or model_fingerprint")
+        raise RegistryError(f"{where} has an empty model_uri or model_fingerprint")
     return pointer, etag
 
 
 def _production_value(store: Store, pointer: dict, metric: str) -> float:
     """Production's value of ``metric``: its promoted value when it was promoted on the same
-    metric, else its recorded ``metrics[metric]``; ValueError when it has none."""
+    metric, else its recorded ``metrics[metric]``; RegistryError when it has none."""
     if pointer["metric"] == metric:
         return float(pointer["value"])
     value = _number(pointer["metrics"].get(metric))
     if value is None:
-        raise ValueError(
+        raise RegistryError(
             f"cannot compare on {metric!r}: production model {pointer['model_uri']} was promoted "
             f"on {pointer['metric']!r} and {_pointer_uri(store)} records no finite {metric!r} "
             f"for it (recorded metrics: {sorted(pointer['metrics'])}); promote on "
@@ -164,32 +170,32 @@ def promote(store: Store, *, model_uri: str, model_fingerprint: str, evaluation_
     write, the decision is taken again against the new champion, at most ``max_attempts``
     times (then RuntimeError).
 
-    :raises ValueError: ``metric`` is not a finite number in ``metrics``, ``margin`` is
+    :raises RegistryError: ``metric`` is not a finite number in ``metrics``, ``margin`` is
         negative or not finite, the pointer is invalid, or production has no value for
         ``metric``.
     """
     numeric = {k: v for k, v in ((k, _number(v)) for k, v in metrics.items()) if v is not None}
     if metric not in numeric:
         got = "missing" if metric not in metrics else f"{metrics[metric]!r}, not a finite number"
-        raise ValueError(
+        raise RegistryError(
             f"cannot promote on metric {metric!r} ({got}); numeric metrics available: "
             f"{sorted(numeric) or 'none'}")
     candidate = numeric[metric]
     if _number(margin) is None or margin < 0:
-        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+        raise RegistryError(f"margin must be a finite number >= 0, got {margin!r}")
     margin = float(margin)
     if max_attempts < 1:
-        raise ValueError(f"max_attempts must be >= 1, got {max_attempts!r}")
+        raise RegistryError(f"max_attempts must be >= 1, got {max_attempts!r}")
     for name, value in (("model_uri", model_uri), ("model_fingerprint", model_fingerprint),
                         ("evaluation_uri", evaluation_uri)):
         if not isinstance(value, str) or not value:
-            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+            raise RegistryError(f"{name} must be a non-empty string, got {value!r}")
     try:
         _, _, uri_fp = split_output_uri(model_uri)
     except ValueError:
         uri_fp = None  # not a <root>/<folder>/<fp> URI: nothing to cross-check
     if uri_fp is not None and uri_fp != model_fingerprint:
-        raise ValueError(
+        raise RegistryError(
             f"model_fingerprint {model_fingerprint!r} does not match the fingerprint "
             f"{uri_fp!r} in model_uri {model_uri}")
     safe_metrics = _json_metrics(metrics)

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 import pytest
 
 from petdet_tasks.layout import PRODUCTION_POINTER
-from petdet_tasks.registry import Decision, promote, read_production
+from petdet_tasks.registry import Decision, RegistryError, promote, read_production
 from petdet_tasks.store import Store
 
 
@@ -278,7 +278,7 @@ def test_gives_up_when_the_pointer_keeps_changing(store):
 ])
 def test_bad_pointer_is_an_error_never_empty(store, content, match):
     store.put_bytes(PRODUCTION_POINTER, content)
-    with pytest.raises(ValueError, match="registry/production.json") as info:
+    with pytest.raises(RegistryError, match="registry/production.json") as info:
         read_production(store)
     assert info.match(match)
     with pytest.raises(ValueError, match="registry/production.json"):
@@ -297,7 +297,7 @@ def test_bad_pointer_is_an_error_never_empty(store, content, match):
     ({"max_attempts": 0}, "max_attempts"),
 ])
 def test_bad_arguments(store, kw, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(RegistryError, match=match):
         _promote(store, "a", 0.5, **kw)
     assert read_production(store) == (None, None)
 

@@ -44,13 +44,14 @@ def test_the_data_and_model_failures_are_permanent_the_io_ones_are_not():
     from petdet_tasks.label_map import LabelMapError
     from petdet_tasks.manifest import LeaseLost
     from petdet_tasks.pipeline_config import PbtxtError
+    from petdet_tasks.registry import RegistryError
     from petdet_tasks.safe_tar import UnsafeArchiveError
     from petdet_tasks.store import NotFound, StoreError
     from petdet_tasks.tfrecords import DataQualityError, ShardWorkerError
     from petdet_tasks.train import TrainingDiverged
 
     permanent = [DataQualityError, TrainingDiverged, LabelMapError, UnsafeArchiveError,
-                 DatasetLayoutError, ExportError, PbtxtError]
+                 DatasetLayoutError, ExportError, PbtxtError, RegistryError]
     # a store or network failure, a corrupt transfer, a lost lease, a killed worker: a retry
     # may pass
     retryable = [StoreError, NotFound, FetchError, ChecksumMismatch, LeaseLost,
