@@ -104,6 +104,22 @@ def test_retrain_dag_structure(dag):
         assert task.execution_timeout is not None
 
 
+def test_every_task_fails_at_once_on_a_permanent_error(dag):
+    """The retries are for failures that may pass next time: every task runs through
+    ``PetdetOperator.execute``, which fails a ``PermanentError`` without retrying it
+    (tests/dags/test_dag_failures.py runs it). An operator that overrode ``execute`` would
+    spend its retries on them again."""
+    from petdet_airflow.operators import PetdetOperator
+
+    for task in dag.tasks:
+        cls = task.operator_class if task.is_mapped else type(task)
+        assert issubclass(cls, PetdetOperator), task.task_id
+        owner = next(k for k in cls.__mro__ if "execute" in vars(k))
+        assert owner is PetdetOperator, f"{task.task_id}: {owner.__name__} overrides execute"
+        assert cls.execute_step is not PetdetOperator.execute_step, (
+            f"{task.task_id}: {cls.__name__} has no execute_step")
+
+
 def test_retrain_dag_params_draw_a_typed_form(dag):
     params = dag.params
     assert params.get_param("source").schema["type"] == "string"
