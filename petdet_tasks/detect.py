@@ -159,7 +159,7 @@ class DetectConfig:
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 problems.append(f"{name} must be an integer in {lo}..{hi}, got {v!r}")
         if problems:
-            raise ConfigError("invalid detect config: " + "; ".join(problems))
+            raise ConfigError("invalid detect config: " + "; ".join(problems), problems)
         return self
 
     def to_dict(self) -> dict:

@@ -101,7 +101,7 @@ class ExportConfig:
             errors.append(f"max_detections must be an int in 1..1000, got "
                           f"{self.max_detections!r}")
         if errors:
-            raise ConfigError("bad export config: " + "; ".join(errors))
+            raise ConfigError("bad export config: " + "; ".join(errors), errors)
         return self
 
     def to_dict(self) -> dict:

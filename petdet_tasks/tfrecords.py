@@ -108,7 +108,7 @@ class TFRecordConfig:
         if not (50 <= int(self.jpeg_quality) <= 100):
             problems.append(f"jpeg_quality must be in 50..100, got {self.jpeg_quality!r}")
         if problems:
-            raise ConfigError("invalid tfrecords config: " + "; ".join(problems))
+            raise ConfigError("invalid tfrecords config: " + "; ".join(problems), problems)
         return self
 
     @classmethod

@@ -134,7 +134,7 @@ class InputConfig:
             problems.append(f"shuffle_buffer must be a positive integer, got "
                             f"{self.shuffle_buffer!r}")
         if problems:
-            raise ConfigError("invalid input config: " + "; ".join(problems))
+            raise ConfigError("invalid input config: " + "; ".join(problems), problems)
         return self
 
     def to_json(self) -> dict:

@@ -37,6 +37,20 @@ def test_every_config_check_raises_a_permanent_config_error(name):
     assert isinstance(e.value, PermanentError) and isinstance(e.value, ValueError)
 
 
+def test_a_config_error_lists_each_problem_on_its_own():
+    from petdet_tasks.detect import DetectConfig
+    from petdet_tasks.tfrecords import TFRecordConfig
+
+    with pytest.raises(ConfigError) as e:
+        TFRecordConfig(num_shards=0, val_fraction=2.0).validate()
+    assert len(e.value.problems) == 2
+    assert e.value.problems[1] == "val_fraction must be in (0, 1), got 2.0"
+    assert str(e.value) == "invalid tfrecords config: " + "; ".join(e.value.problems)
+    with pytest.raises(ConfigError) as e:
+        DetectConfig(max_boxes=0, batch_size=0).validate()
+    assert [p.split()[0] for p in e.value.problems] == ["max_boxes", "batch_size"]
+
+
 def test_the_data_and_model_failures_are_permanent_the_io_ones_are_not():
     from petdet_tasks.download import DatasetLayoutError
     from petdet_tasks.export import ExportError
