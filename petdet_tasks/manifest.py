@@ -288,7 +288,8 @@ def run_step(
     :param inputs: input name → fingerprint or digest (part of the fingerprint).
     :param config: the config fields that change the output (part of the fingerprint).
     :param body: writes files through the StepWriter, returns small JSON ``outputs``.
-    :param force: recompute even if a manifest exists (the old manifest is removed first).
+    :param force: recompute from scratch even if a manifest exists (its manifest is removed
+        first, then its files, also with ``resume``).
     :param resume: keep what an earlier incomplete attempt left under the prefix (training).
     :param fp: a precomputed fingerprint (must equal ``fingerprint(step, ...)`` of the same
         arguments; given when the caller needed it before calling).
@@ -339,9 +340,17 @@ def run_step(
             log.info("cache hit: %s %s was completed by another writer", step, uri)
             return StepResult(step, uri, fp, True, existing)
         if existing is not None:
-            log.info("force: recomputing %s (removing its manifest first)", uri)
+            # force recomputes from scratch: the committed output's files go too, even for a
+            # resumable step (resume continues an incomplete attempt, never a complete one:
+            # a forced training run restarts at step 0 instead of re-committing its last
+            # checkpoint). The manifest goes first, so nobody reads the prefix meanwhile; a
+            # retry of this forced attempt finds no manifest and resumes it.
+            log.info("force: recomputing %s from scratch (removing its manifest, then its "
+                     "%d files)", uri, len(existing.get("files", {})))
             store.delete(manifest_key(prefix))
-        if not resume:
+            removed = store.delete_prefix(prefix, keep=frozenset({lease_key(prefix)}))
+            log.info("force: removed %d files under %s", removed, uri)
+        elif not resume:
             stale = store.delete_prefix(prefix, keep=frozenset({lease_key(prefix)}))
             if stale:
                 log.warning("%s was incomplete (no manifest): removed %d leftover files",

@@ -161,6 +161,41 @@ def test_resume_keeps_leftovers(store):
     assert seen == [b"state"]
 
 
+def test_force_on_a_resumable_step_starts_from_scratch_and_its_retry_resumes(store):
+    """resume continues an incomplete attempt, never a complete output: a forced training run
+    must not restore the committed run's last checkpoint and re-commit the same weights. Once
+    the forced attempt has removed the old output, a retry of it resumes what it wrote."""
+    prefix = step_prefix("download", fingerprint("download", 1, INPUTS, CONFIG))
+
+    def first(w):
+        w.put_bytes("ckpt/step-100", b"old final state")
+        return {"step": 100}
+
+    _run(store, first, resume=True)
+    seen = []
+
+    def forced_then_dies(w):
+        seen.append(sorted(o.key[len(prefix):] for o in store.list(prefix)))
+        w.put_bytes("ckpt/step-10", b"new state")
+        raise RuntimeError("worker lost")
+
+    with pytest.raises(RuntimeError, match="worker lost"):
+        _run(store, forced_then_dies, resume=True, force=True)
+    assert seen == [["_LEASE.json"]], "the committed run's checkpoint must be gone"
+    assert read_manifest(store, prefix) is None
+
+    def retry(w):
+        seen.append(sorted(o.key[len(prefix):] for o in store.list(prefix)))
+        w.put_bytes("ckpt/step-100", b"new final state")
+        return {"step": 100}
+
+    result = _run(store, retry, resume=True, force=True)
+    assert seen[1] == ["_LEASE.json", "ckpt/step-10"], "the retry resumes the forced attempt"
+    assert store.get_bytes(prefix + "ckpt/step-100")[0] == b"new final state"
+    assert not result.cache_hit
+    _assert_consistent(store, result)
+
+
 def test_lost_lease_commits_nothing(store):
     prefix = step_prefix("download", fingerprint("download", 1, INPUTS, CONFIG))
 
