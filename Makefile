@@ -16,7 +16,7 @@ help:
 	@echo "make demo   - run the pipeline end to end on a generated sample (local storage, offline)"
 	@echo "make test   - run the whole test suite (starts its own SeaweedFS and metadata DB)"
 	@echo "make lint   - ruff + hadolint"
-	@echo "make lock   - re-resolve requirements*.in into the pinned requirements*.txt"
+	@echo "make lock   - re-resolve requirements*.in (and the GPU image's) into pinned *.txt"
 
 venv: $(STAMP)
 
@@ -45,6 +45,7 @@ demo-clean:
 lock: $(STAMP)
 	$(BIN)/uv pip compile --python-version 3.11 --no-header requirements.in -o requirements.txt
 	$(BIN)/uv pip compile --python-version 3.11 --no-header requirements-dev.in -c requirements.txt -o requirements-dev.txt
+	$(BIN)/uv pip compile --python-version 3.11 --python-platform x86_64-unknown-linux-gnu --no-header docker/requirements-gpu-worker.in -c requirements.txt -o docker/requirements-gpu-worker.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

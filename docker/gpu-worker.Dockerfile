@@ -1,4 +1,5 @@
 # petdet GPU worker: a Celery worker listening on the "gpu" queue, with CUDA for TensorFlow.
+# Its packages: docker/requirements-gpu-worker.txt (re-resolved by `make lock`).
 # Build from the repository root:  docker build -f docker/gpu-worker.Dockerfile -t petdet-gpu .
 # Run with the NVIDIA container toolkit (--gpus all); training uses MirroredStrategy over
 # every visible GPU.
@@ -26,10 +27,12 @@ RUN python3.11 -m venv /opt/venv \
     && useradd --create-home --uid 50000 --gid 0 airflow
 
 WORKDIR /opt/petdet
-COPY requirements.txt ./
-# tensorflow[and-cuda] brings the CUDA/cuDNN wheels matching TF 2.21 (same TF pin as CPU)
-RUN pip install -r requirements.txt \
-    && pip install "tensorflow[and-cuda]==2.21.0" \
+# The worker's own lock (make lock): requirements.txt's pins plus tensorflow[and-cuda]==2.21.0
+# (the CUDA/cuDNN wheels matching TF 2.21, same TF pin as the CPU image), the Celery provider
+# (the `airflow celery` command, celery, the redis client) and psycopg2 for the compose stack's
+# Postgres metadata DB and result backend. The CUDA base has none of them; apache/airflow has.
+COPY docker/requirements-gpu-worker.txt ./
+RUN pip install -r requirements-gpu-worker.txt \
     && pip check
 
 COPY pyproject.toml ./

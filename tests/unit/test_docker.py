@@ -16,12 +16,15 @@ DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
 HADOLINT = Path(sys.executable).parent / "hadolint"
 
 
-def _pins() -> dict[str, str]:
+GPU_LOCK = ROOT / "docker" / "requirements-gpu-worker.txt"
+
+
+def _pins(lock: Path = ROOT / "requirements.txt") -> dict[str, str]:
     pins = {}
-    for line in (ROOT / "requirements.txt").read_text().splitlines():
-        m = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)", line)
+    for line in lock.read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==([^\s;]+)", line)
         if m:
-            pins[m.group(1).lower()] = m.group(2)
+            pins[m.group(1).lower().replace("_", "-")] = m.group(2)
     return pins
 
 
@@ -38,7 +41,13 @@ def test_hadolint_is_clean(dockerfile):
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_images_install_the_pinned_lock_and_do_not_run_as_root(dockerfile):
     text = dockerfile.read_text()
-    assert "-r requirements.txt" in text
+    if dockerfile.name == "gpu-worker.Dockerfile":
+        # its own lock: requirements.txt's pins plus what a Celery worker on CUDA needs
+        assert "COPY docker/requirements-gpu-worker.txt ./" in text
+        assert re.search(r"pip install -r requirements-gpu-worker\.txt\s*\\\s*&& pip check",
+                         text), "the GPU image must install its lock and run pip check"
+    else:
+        assert "-r requirements.txt" in text
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
     assert users and users[-1] not in ("0", "root"), "the final USER must not be root"
     pins = _pins()
@@ -73,3 +82,29 @@ def test_compose_holds_no_literal_secret():
         for line in text.splitlines():
             if re.search(rf"{key}\w*\s*[:=]", line):
                 assert "${" in line, f"literal secret on: {line.strip()}"
+
+
+def test_gpu_worker_lock_runs_a_celery_worker_of_the_compose_stack():
+    """The GPU image runs ``airflow celery worker`` against compose's Redis broker and Postgres
+    (metadata DB and result backend) on a CUDA base that has none of the packages for it:
+    its lock must bring the Celery provider (the ``celery`` subcommand), celery and the redis
+    client, and a Postgres driver, and keep every version the tests run with."""
+    gpu = _pins(GPU_LOCK)
+    for name in ("apache-airflow-providers-celery", "celery", "kombu", "redis",
+                 "psycopg2-binary", "tensorflow", "nvidia-cudnn-cu12"):
+        assert name in gpu, f"{name} is not pinned in {GPU_LOCK.name}"
+    test_pins = _pins()
+    assert len(test_pins) > 100
+    differ = {n: (v, gpu.get(n)) for n, v in test_pins.items() if gpu.get(n) != v}
+    assert differ == {}, f"the GPU lock does not pin these as requirements.txt does: {differ}"
+    # requirements.txt (what `make test` installs) stays without them
+    assert "apache-airflow-providers-celery" not in test_pins
+    assert "psycopg2-binary" not in test_pins
+    cmd = re.search(r"^CMD\s+(\[.*\])", (ROOT / "docker" / "gpu-worker.Dockerfile").read_text(),
+                    flags=re.M).group(1)
+    assert cmd.startswith('["airflow", "celery", "worker"')
+    # the lock is resolved from its .in (make lock) and says how
+    src = (ROOT / "docker" / "requirements-gpu-worker.in").read_text()
+    assert "-r ../requirements.in" in src and "apache-airflow-providers-celery==" in src
+    assert "docker/requirements-gpu-worker.in -c requirements.txt" in \
+        (ROOT / "Makefile").read_text()
