@@ -140,17 +140,30 @@ def redact_url(source: str) -> str:
     """``source`` with any URL userinfo (``user:password@``) replaced by ``***@``.
 
     Plain paths and URLs without userinfo are returned unchanged, so this is safe to apply
-    to anything that is about to be logged or put into an exception message.
+    to anything that is about to be logged or put into an exception message. It fails safe:
+    a URL that ``urllib`` cannot parse (``http://u:p@host]/x``) still has everything up to the
+    last ``@`` of its authority replaced, and a string that is not even that but holds an
+    ``@`` is not returned at all.
     """
     source = str(source)
     try:
         parts = urllib.parse.urlsplit(source)
     except ValueError:
-        return source
+        scheme = _SCHEME_RE.match(source)
+        if scheme is None:
+            return "<unparsable URL>" if "@" in source else source
+        rest = source[scheme.end():]
+        end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
+        if "@" not in rest[:end]:
+            return source
+        return f"{scheme.group(0)}***@{rest[:end].rpartition('@')[2]}{rest[end:]}"
     if "@" not in parts.netloc:
         return source
     host = parts.netloc.rpartition("@")[2]
     return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}"))
+
+
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _split_credentials(url: str) -> tuple[str, str | None]:

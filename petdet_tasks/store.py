@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -37,6 +38,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
+
+from petdet_tasks.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -326,6 +329,8 @@ class LocalStore(Store):
             raise NotFound(f"{self.uri(key)} does not exist") from None
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        if prefix:
+            _check_key(prefix)  # no '..' walk out of the store (S3Store.list checks it too)
         if not self.path.is_dir():
             return
         start = self.path
@@ -370,9 +375,13 @@ class S3Store(Store):
     MAX_CONCURRENCY = 4  # peak upload buffer ≈ MAX_CONCURRENCY * MULTIPART_CHUNK
 
     def __init__(self, root: str, client=None):
-        parsed = urlparse(root)
+        _refuse_credentials(root)
+        try:
+            parsed = urlparse(root)
+        except ValueError as e:  # e.g. an unbalanced '[' in the bucket part
+            raise ConfigError(f"invalid store URI {_redact(root)}: {e}") from None
         if parsed.scheme != "s3" or not parsed.netloc:
-            raise ValueError(f"expected s3://bucket[/prefix], got {root!r}")
+            raise ConfigError(f"expected s3://bucket[/prefix], got {_redact(root)!r}")
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
         self.root = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
@@ -516,11 +525,45 @@ def default_s3_client():
     )
 
 
+_URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _redact(root: str) -> str:
+    from petdet_tasks.fetch import redact_url  # fetch is heavy to import; only on errors
+
+    return redact_url(root)
+
+
+def _refuse_credentials(root: str) -> None:
+    """A URI with a userinfo part (``s3://KEY:SECRET@bucket``) is refused with a
+    :class:`~petdet_tasks.errors.ConfigError` showing it redacted: a store's URI is logged and
+    passed around (XCom, manifests), so it must never carry a secret."""
+    scheme = _URI_SCHEME.match(root)
+    if scheme is None:
+        return
+    rest = root[scheme.end():]
+    end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
+    if "@" in rest[:end]:
+        raise ConfigError(
+            f"store URI {_redact(root)} has credentials in it (user:password@): refused, as "
+            "a store URI is logged and recorded; give S3 credentials through the AWS "
+            "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, a profile) or an Airflow "
+            "connection")
+
+
 def open_store(root: str | os.PathLike, *, s3_client=None) -> Store:
-    """The store for a root URI: ``s3://...`` → S3Store, anything else → LocalStore."""
+    """The store for a root URI: ``s3://...`` → S3Store, a ``file://`` URL or a local path →
+    LocalStore. A URI with credentials in it or another scheme is a
+    :class:`~petdet_tasks.errors.ConfigError` (whose message never shows a secret)."""
     root = str(root)
-    if root.startswith("s3://"):
+    scheme = _URI_SCHEME.match(root)
+    if scheme is None:
+        return LocalStore(root)
+    _refuse_credentials(root)
+    name = scheme.group(1).lower()
+    if name == "s3":
         return S3Store(root, client=s3_client)
-    if "://" in root and not root.startswith("file://"):
-        raise ValueError(f"unsupported store URI {root!r}: use s3://bucket/prefix or a local path")
-    return LocalStore(root)
+    if name == "file":
+        return LocalStore(root[scheme.end():])
+    raise ConfigError(f"unsupported store URI scheme {name + '://'!r}: use s3://bucket/prefix "
+                      "or a local path")

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from petdet_tasks.errors import ConfigError
 from petdet_tasks.store import (
     ChecksumError,
     NotFound,
@@ -126,3 +127,31 @@ def test_s3_credentials_are_enforced_and_not_in_errors(seaweed):
     assert "wrong-secret-123" not in str(info.value)
     assert seaweed.secret_key not in repr(store) + str(info.value)
     assert "SignatureDoesNotMatch" in str(info.value) or "AccessDenied" in str(info.value)
+
+
+@pytest.mark.parametrize("uri", [
+    "s3://AKIA:p4ss@bucket/x", "S3://AKIA:p4ss@b/x", "https://u:p4ss@host/bucket",
+    "file://u:p4ss@host/x", "http://u:p4ss@host]/x", "s3://AKIA:p4ss@[b/x",
+])
+def test_store_uri_with_credentials_is_refused_redacted(uri, caplog):
+    with caplog.at_level("DEBUG"), pytest.raises(ConfigError) as info:
+        open_store(uri, s3_client=object())
+    text = str(info.value) + repr(info.value.args) + "".join(info.value.problems) + caplog.text
+    assert "p4ss" not in text and "AKIA" not in text
+    assert "has credentials in it" in str(info.value) and "***@" in str(info.value)
+    with pytest.raises(ConfigError) as direct:
+        S3Store("s3://AKIA:p4ss@bucket/x")
+    assert "p4ss" not in str(direct.value)
+
+
+def test_unsupported_store_uri_is_not_echoed(tmp_path):
+    with pytest.raises(ConfigError, match=r"unsupported store URI scheme 'gs://'") as info:
+        open_store("gs://bucket/x?token=t0k3n")
+    assert "t0k3n" not in str(info.value)
+    assert isinstance(open_store("S3://bucket/p", s3_client=object()), S3Store)
+    assert open_store(f"FILE://{tmp_path}").root == str(tmp_path.resolve())
+
+
+def test_list_refuses_a_prefix_outside_the_store(store):
+    with pytest.raises(ValueError, match="invalid store key"):
+        list(store.list("../../outside/"))

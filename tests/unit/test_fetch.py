@@ -385,3 +385,9 @@ def test_read_text_retries_and_errors(payload, tmp_path):
             read_text(server.url + "SHA256SUMS", retries=1, backoff_s=0.01)
     with pytest.raises(FetchError, match="larger than"):
         read_text(str(root / "data.bin"), max_bytes=1000)
+
+
+def test_redact_url_fails_safe_on_urls_urllib_cannot_parse():
+    assert redact_url("http://u:p4ss@host]/x") == "http://***@host]/x"
+    assert redact_url("s3://AKIA:p4ss@[bucket/k?q") == "s3://***@[bucket/k?q"
+    assert redact_url("http://[::1/x") == "http://[::1/x"  # no userinfo: unchanged
