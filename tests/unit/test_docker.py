@@ -3,6 +3,8 @@ hadolint on every Dockerfile, and the facts the stack's safety and the GPU routi
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -108,3 +110,64 @@ def test_gpu_worker_lock_runs_a_celery_worker_of_the_compose_stack():
     assert "-r ../requirements.in" in src and "apache-airflow-providers-celery==" in src
     assert "docker/requirements-gpu-worker.in -c requirements.txt" in \
         (ROOT / "Makefile").read_text()
+
+
+def _dag_module():
+    """dags/petdet_retrain.py as a module (its GPU_POOL is what the train task uses)."""
+    import importlib.util
+
+    import airflow.sdk  # noqa: F401  (puts plugins/ on sys.path, as for the DAG processor)
+
+    spec = importlib.util.spec_from_file_location("petdet_retrain_dagfile",
+                                                  ROOT / "dags" / "petdet_retrain.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _init_script() -> str:
+    """compose's airflow-init command as the shell in the container gets it."""
+    stack = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    cmd = stack["services"]["airflow-init"]["command"]
+    assert cmd[:2] == ["bash", "-c"], cmd
+    return cmd[2].replace("$$", "$")  # compose's escape for a literal $
+
+
+def test_compose_init_creates_the_pool_the_train_task_uses():
+    """Airflow's scheduler never queues a task whose pool does not exist (a warning, nothing
+    more): compose's init must create the DAG's GPU pool, and the DAG and the init must read
+    the same variable for its name."""
+    mod = _dag_module()
+    assert mod.dag.get_task("train").pool == mod.GPU_POOL
+    script = _init_script()
+    assert script.index("airflow db migrate") < script.index("airflow pools set")
+    m = re.search(r'airflow pools set "\$\{PETDET_GPU_POOL:-(\w+)\}" '
+                  r'"\$\{PETDET_GPU_POOL_SLOTS:-(\d+)\}"', script)
+    assert m, script
+    assert m.group(1) == mod.GPU_POOL == "gpu" and m.group(2) == "1"
+    env = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["x-airflow"][
+        "environment"]
+    assert env["PETDET_GPU_POOL"] == "${PETDET_GPU_POOL:-gpu}"
+    assert env["PETDET_GPU_POOL_SLOTS"] == "${PETDET_GPU_POOL_SLOTS:-1}"
+
+
+@pytest.mark.airflow
+def test_compose_init_script_creates_the_pool_on_a_fresh_db(tmp_path):
+    """The init command itself, run by bash against a fresh metadata DB (SQLite here,
+    Postgres in the stack): afterwards the pool is there with one slot."""
+    mod = _dag_module()
+    bindir = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AIRFLOW", "PETDET_GPU_POOL"))}
+    env.update({"PATH": bindir + os.pathsep + env.get("PATH", ""),
+                "AIRFLOW_HOME": str(tmp_path / "home"),
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path}/airflow.db"})
+    out = subprocess.run(["bash", "-c", _init_script()], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    got = subprocess.run([f"{bindir}/airflow", "pools", "get", mod.GPU_POOL, "-o", "json"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0, got.stderr[-2000:]
+    pools = json.loads(got.stdout[got.stdout.index("["):])
+    assert [(p["pool"], int(p["slots"])) for p in pools] == [(mod.GPU_POOL, 1)]
