@@ -51,7 +51,16 @@ from petdet_tasks.images import CHECK_MODES, check_image
 from petdet_tasks.label_map import LabelMap, load_label_map, pets_label_map
 from petdet_tasks.layout import fingerprint, step_prefix
 from petdet_tasks.manifest import StepResult, StepWriter, load_output, read_manifest, run_step
-from petdet_tasks.store import FileEntry, NotFound, S3Store, Store, StoreError, open_store
+from petdet_tasks.store import (
+    FileEntry,
+    NotFound,
+    S3Store,
+    Store,
+    StoreError,
+    _check_key,
+    _redact,
+    open_store,
+)
 from petdet_tasks.tfexample import TFRecordWriter, encode_od_example
 
 log = logging.getLogger(__name__)
@@ -234,9 +243,19 @@ def _prefix_digest(store: Store, prefix: str) -> str:
 def _extra_prefix(store: Store, extra: str) -> str:
     root = store.root.rstrip("/") + "/"
     rel = extra[len(root):] if extra.startswith(root) else extra
+    problem = None
     if "://" in rel or rel.startswith("/"):
-        raise ConfigError(f"extra data {extra!r} must be a prefix inside the store {store.root}")
-    return rel.strip("/") + "/"
+        problem = "it is outside the store"
+    else:
+        rel = rel.strip("/") + "/"
+        try:
+            _check_key(rel)
+        except ValueError as e:
+            problem = str(e)
+    if problem:
+        raise ConfigError(f"extra_data (--extra-data) {_redact(extra)!r} must be a prefix "
+                          f"inside the store {store.root}: {problem}")
+    return rel
 
 
 _ABSENT = object()

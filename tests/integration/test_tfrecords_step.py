@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from petdet_tasks.download import DownloadConfig, download
+from petdet_tasks.errors import ConfigError
 from petdet_tasks.label_map import parse_label_map
 from petdet_tasks.layout import step_prefix
 from petdet_tasks.manifest import load_output, read_manifest
@@ -386,3 +387,13 @@ def test_a_failure_in_the_calling_process_stops_the_workers(store, dataset, monk
     assert read_manifest(store, p.prefix) is None
     # the worker stopped after its current shard: not every shard was written
     assert len(list(store.list(p.prefix + "_parts/"))) < len(p.units)
+
+
+@pytest.mark.parametrize("extra", ["../../outside", "a/../../b", "/abs/path", "s3://K:s3cr3t@b/x"])
+def test_extra_data_outside_the_store_is_a_config_error_naming_the_option(store, dataset,
+                                                                         extra):
+    uri, _ = dataset
+    with pytest.raises(ConfigError, match=r"extra_data \(--extra-data\) .* must be a prefix "
+                                          r"inside the store") as info:
+        plan(store, uri, TFRecordConfig(**SAMPLE_CFG, extra_data=extra))
+    assert "s3cr3t" not in str(info.value)
