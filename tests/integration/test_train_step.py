@@ -180,3 +180,21 @@ def test_a_diverging_run_fails_clearly_and_commits_nothing(setup):
         if obj.key.endswith("/_MANIFEST.json"):
             config = json.loads(store.get_bytes(obj.key)[0])["train_config"]
             assert config["learning_rate"]["initial_learning_rate"] != 5.0, obj.key
+
+
+def test_force_retrains_from_step_0(setup):
+    """force means "train again": it must not restore the committed run's final checkpoint
+    and re-commit the same weights after 0 steps."""
+    work, store, records, preset = setup
+    cfg = _config(preset, image_size=64, batch_size=4, num_steps=4, checkpoint_every_n=2,
+                  log_every_n=2, seed=7,
+                  learning_rate=LRSchedule(kind="constant", initial_learning_rate=0.001))
+    first = train(store, records.uri, cfg, cache_dir=work / "cache")
+    assert first.outputs["steps"] == 4
+    forced = train(store, records.uri, cfg, cache_dir=work / "cache", force=True)
+    assert not forced.cache_hit and forced.fingerprint == first.fingerprint
+    assert forced.outputs["resumed_from"] == 0 and forced.outputs["steps"] == 4
+    history = [json.loads(x) for x in store.read_text(
+        step_prefix("train", forced.fingerprint) + "history.jsonl").splitlines()]
+    assert [h["step"] for h in history] == [2, 4], "each step trained once, none restored"
+    assert forced.manifest["timings"]["started_at"] >= first.manifest["timings"]["started_at"]
