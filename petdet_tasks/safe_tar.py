@@ -180,6 +180,10 @@ def _validate(
                 ) from None
 
     files: set[str] = set()  # regular files (and hard links to them) seen so far
+    # what each path of the tree will be, symlinks followed: "dir" (a directory member or the
+    # directory of one) or "file" (a regular file or a hard link)
+    kinds: dict[str, str] = {}
+    used_as_dir: set[str] = set()  # member names (unresolved) that earlier members are under
     for m, key in zip(members, keys, strict=True):
         parts = key.split("/") if key else []
         try:
@@ -191,6 +195,13 @@ def _validate(
         if key in links and not m.issym():
             where = "the destination" if key in existing else "the archive"
             raise UnsafeArchiveError(archive, m.name, f"also present in {where} as a symlink")
+        if m.issym() and key in used_as_dir:
+            raise UnsafeArchiveError(
+                archive, m.name, "a symlink with the name of a directory of earlier members")
+        if parts:
+            used_as_dir.update("/".join(parts[:i]) for i in range(1, len(parts)))
+            if not m.issym():
+                _claim(archive, m, parent + parts[-1:], kinds)
         if m.issym():
             try:
                 _resolve(parent, m.linkname, links, [0])
@@ -214,6 +225,31 @@ def _validate(
     return members
 
 
+def _claim(archive: str | os.PathLike, m: tarfile.TarInfo, path: list[str],
+           kinds: dict[str, str]) -> None:
+    """Record what the member at (resolved) ``path`` makes of it; refuse a name that another
+    member already took: tarfile would silently replace a file (or write through a hard link
+    to it), or fail half-way with NotADirectoryError/IsADirectoryError."""
+    for i in range(1, len(path)):
+        above = "/".join(path[:i])
+        if kinds.setdefault(above, "dir") != "dir":
+            raise UnsafeArchiveError(
+                archive, m.name, f"{above!r} is a file in this archive, not a directory")
+    full = "/".join(path)
+    kind = "dir" if m.isdir() else "file"
+    before = kinds.get(full)
+    if before == "file":
+        raise UnsafeArchiveError(
+            archive, m.name,
+            "duplicate member name: it would replace (or write through a hard link to) the "
+            "file an earlier member wrote" if kind == "file"
+            else "the name of an earlier file member, used here as a directory")
+    if before == "dir" and kind == "file":
+        raise UnsafeArchiveError(
+            archive, m.name, "the name of a directory in this archive, used here as a file")
+    kinds[full] = kind
+
+
 def check_members(tar_path: str | os.PathLike) -> list[tarfile.TarInfo]:
     """Validate every member of ``tar_path`` without writing anything; return them in order.
 
@@ -221,10 +257,12 @@ def check_members(tar_path: str | os.PathLike) -> list[tarfile.TarInfo]:
     names, ``..`` components, backslashes, drive letters or NUL bytes in names; symlinks
     whose target is absolute or resolves outside the tree (following the archive's other
     symlinks) or loops; member paths whose directory resolves outside through a symlink; a
-    name that is both a symlink and another member; hard links whose target is not an
-    earlier regular-file member; character/block devices, FIFOs and any other type that is
-    not a regular file, directory, symlink or hard link. Raises :class:`NotATarArchive` for
-    a file that is not a (complete) tar archive.
+    name that is both a symlink and another member; a name used twice for a file (a regular
+    file or hard link: tarfile would replace the first or write through the link), or as both
+    a file and a directory, or as a symlink after other members were put under it; hard links
+    whose target is not an earlier regular-file member; character/block devices, FIFOs and
+    any other type that is not a regular file, directory, symlink or hard link. Raises
+    :class:`NotATarArchive` for a file that is not a (complete) tar archive.
     """
     with _open(tar_path) as tf:
         return _validate(tf, tar_path)

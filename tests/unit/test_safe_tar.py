@@ -94,6 +94,30 @@ BAD = {
     "symlink-loop": (lambda: [_link("a", "b"), _link("b", "a")], "a", "too many levels"),
     "write-through-symlink": (
         lambda: [_link("ln", "real"), _dir("real"), _file("ln")], "ln", "symlink"),
+    # a second member of the same name would silently replace the first
+    "duplicate-file": (
+        lambda: [_dir("a"), _file("a/list.txt", b"real"), _file("a/list.txt", b"forged")],
+        "a/list.txt", "duplicate member name"),
+    "duplicate-via-dot": (
+        lambda: [_file("a.txt", b"real"), _file("./a.txt", b"forged")], "./a.txt",
+        "duplicate member name"),
+    # ... or write through a hard link into the file it links to
+    "file-over-hardlink": (
+        lambda: [_file("a.txt"), _link("h", "a.txt", tarfile.LNKTYPE), _file("h", b"forged")],
+        "h", "duplicate member name"),
+    "hardlink-over-file": (
+        lambda: [_file("a.txt"), _file("h"), _link("h", "a.txt", tarfile.LNKTYPE)],
+        "h", "duplicate member name"),
+    # one name as a file and a directory: tarfile would fail half-way (NotADirectoryError...)
+    "file-then-under-it": (lambda: [_file("d"), _file("d/x")], "d/x", "is a file in this"),
+    "dir-then-file": (lambda: [_dir("d"), _file("d/x"), _file("d")], "d", "a directory"),
+    "under-then-file": (lambda: [_file("d/x"), _file("d")], "d", "a directory"),
+    "file-then-dir": (lambda: [_file("d"), _dir("d")], "d", "earlier file member"),
+    "file-under-symlinked-file": (
+        lambda: [_file("f"), _link("s", "f"), _file("s/x")], "s/x", "'f' is a file in this"),
+    # a symlink replacing a directory that members were written into
+    "symlink-over-used-dir": (
+        lambda: [_file("d/x"), _dir("e"), _link("d", "e")], "d", "directory of earlier"),
 }
 
 
@@ -211,3 +235,10 @@ def test_existing_symlinks_in_dest(tmp_path, out):
     # Replacing the link by another link inside the tree is fine.
     assert safe_extract(make_tar(tmp_path / "c.tar", [_link("ln", "x.txt")]), out) == []
     assert os.readlink(out / "ln") == "x.txt"
+
+
+def test_repeated_directories_and_nested_files_are_fine(tmp_path, out):
+    archive = make_tar(tmp_path / "ok.tar", [_dir("d"), _file("d/x"), _dir("d"), _dir("d/e"),
+                                             _file("d/e/y"), _link("l", "d"), _file("l/z")])
+    assert safe_extract(archive, out) == ["d/x", "d/e/y", "l/z"]
+    assert (out / "d" / "z").read_bytes() == b"data"
