@@ -130,6 +130,23 @@ def _fetch_archive(cfg: DownloadConfig, cache: Path, name: str, size: int | None
     return result.path, result.sha256
 
 
+def decode_list_file(data: bytes, where: str) -> str:
+    """The text of a list file (``trainval.txt`` ...), which must be UTF-8 (the real ones are
+    ASCII); otherwise a :class:`DatasetLayoutError` naming ``where`` and the line."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DatasetLayoutError(
+            f"{where} is not UTF-8 text: line {line}, column {column} has byte "
+            f"0x{data[e.start]:02x} ({e.reason}); save the list file as UTF-8") from None
+
+
+def read_list_file(path: Path, where: str) -> str:
+    return decode_list_file(path.read_bytes(), where)
+
+
 def _count_layout(root: Path) -> dict[str, int]:
     missing = [p for p in REQUIRED if not (root / p).is_file()]
     images = sorted((root / "images").glob("*.jpg")) if (root / "images").is_dir() else []
@@ -141,7 +158,7 @@ def _count_layout(root: Path) -> dict[str, int]:
         )
 
     def listed(name: str) -> int:
-        lines = (root / "annotations" / name).read_text().splitlines()
+        lines = read_list_file(root / "annotations" / name, f"annotations/{name}").splitlines()
         return sum(1 for ln in lines if ln.strip() and not ln.startswith("#"))
 
     def count(folder: str, pattern: str) -> int:

@@ -199,3 +199,57 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "download failed" in out.stderr and "Traceback" not in out.stderr
+
+
+def _rewrite_annotations(src: Path, edit) -> None:
+    """Rebuild ``annotations.tar.gz`` (plain tar, as the official one) with ``edit(name, data)``
+    → the (name, data) pairs to write for each regular member."""
+    path = src / "annotations.tar.gz"
+    with tarfile.open(path) as tf_:
+        members = [(m, tf_.extractfile(m).read() if m.isfile() else None)
+                   for m in tf_.getmembers()]
+    with tarfile.open(path, "w") as out:
+        for m, data in members:
+            if data is None:
+                out.addfile(m)
+                continue
+            for name, new in edit(m.name, data):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode = len(new), m.mode
+                out.addfile(info, io.BytesIO(new))
+
+
+def test_a_list_file_appended_twice_to_the_archive_is_refused(store, sample_archives,
+                                                              tmp_path):
+    src = _copy_sample(sample_archives, tmp_path / "mirror", sums=False)
+
+    def append_forged(name, data):
+        yield name, data
+        if name.endswith("annotations/trainval.txt"):
+            yield name, b"Abyssinian_1 1 1 1\n"  # a second member of the same name
+
+    _rewrite_annotations(src, append_forged)
+    with pytest.raises(UnsafeArchiveError, match="duplicate member name") as info:
+        download(store, DownloadConfig(source=str(src), cache_dir=str(tmp_path / "cache")))
+    assert "annotations/trainval.txt" in str(info.value)
+    assert "annotations.tar.gz" in str(info.value)
+    assert _datasets(store) == []
+
+
+def test_a_list_file_that_is_not_utf8_is_a_layout_error_naming_file_and_line(
+        store, sample_archives, tmp_path):
+    src = _copy_sample(sample_archives, tmp_path / "mirror", sums=False)
+
+    def latin1(name, data):
+        if name.endswith("annotations/test.txt"):
+            lines = data.splitlines(keepends=True)
+            lines[2] = b"Caf\xe9_1 1 1 1\n"
+            data = b"".join(lines)
+        yield name, data
+
+    _rewrite_annotations(src, latin1)
+    with pytest.raises(DatasetLayoutError) as info:
+        download(store, DownloadConfig(source=str(src), cache_dir=str(tmp_path / "cache")))
+    msg = str(info.value)
+    assert "annotations/test.txt" in msg and "line 3" in msg and "UTF-8" in msg, msg
+    assert _datasets(store) == []
