@@ -386,7 +386,8 @@ def _resolve_images(store: Store, images: str) -> tuple[str, str | Path]:
             prefix = path.relative_to(local_root).as_posix()
         else:
             if not path.is_dir():
-                raise FileNotFoundError(f"images folder {path} does not exist")
+                raise ConfigError(f"images (--images, Airflow param detect_images): the folder "
+                                  f"{path} does not exist")
             return "local", path
     else:
         prefix = s.strip("/")
@@ -412,8 +413,13 @@ def list_images(store: Store, model: StepResult, images: str | None) -> tuple[li
             rows = _list_store_prefix(store, str(where))
             what = f"{store.uri(str(where))} ({len(rows)} images)"
     if not rows:
-        raise FileNotFoundError(f"no images to detect on in the {what.rsplit(' (', 1)[0]} "
-                                f"(looked for {', '.join(IMAGE_EXTENSIONS)} files)")
+        where = what.rsplit(' (', 1)[0]
+        looked = f"(looked for {', '.join(IMAGE_EXTENSIONS)} files)"
+        if images is None or not str(images).strip():
+            raise FileNotFoundError(f"no images to detect on in the {where} {looked}")
+        # the option names an empty place: the same option would fail the same way again
+        raise ConfigError(f"images (--images, Airflow param detect_images) {images!r}: no "
+                          f"images to detect on in the {where} {looked}")
     keys = _assign_keys(r[0] for r in rows)
     items = [Item(keys[rel], ref, kind, source, size, digest, -1)
              for rel, ref, kind, source, size, digest in rows]

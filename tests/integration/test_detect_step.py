@@ -575,3 +575,38 @@ def test_cli_detect_on_a_local_folder(setup, tmp_path):
 
 def _prefix_of(uri: str, store) -> str:
     return uri[len(store.root.rstrip("/")) + 1:].rstrip("/") + "/"
+
+
+def test_a_missing_or_empty_images_folder_is_a_config_error(tmp_path):
+    """A ``detect_images`` folder that is not there or holds no image fails as a
+    :class:`ConfigError` naming the option (Airflow fails the task at once instead of retrying
+    it twice; the CLI exits 2), not as a plain FileNotFoundError."""
+    from petdet_tasks.detect import list_images
+    from petdet_tasks.errors import ConfigError
+
+    store = LocalStore(tmp_path / "store")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    for folder in (tmp_path / "no-such-folder", empty):
+        with pytest.raises(ConfigError, match=r"detect_images") as info:
+            list_images(store, None, str(folder))
+        assert str(folder) in str(info.value)
+    # an empty prefix in the store likewise
+    store.put_bytes("some/prefix/readme.txt", b"x")
+    with pytest.raises(ConfigError, match=r"detect_images.*no images to detect on"):
+        list_images(store, None, "some/prefix")
+
+
+def test_cli_detect_on_a_missing_folder_exits_2(setup, tmp_path):
+    import subprocess
+    import sys
+
+    work, store, model_uri, _ = setup
+    out = subprocess.run([sys.executable, "-m", "petdet_tasks", "detect", "--store", store.root,
+                          "--model", model_uri, "--images", str(tmp_path / "nothing-here"),
+                          "--cache-dir", str(work / "cache")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "ConfigError" in out.stderr or "detect_images" in out.stderr
+    assert "Traceback" not in out.stderr
