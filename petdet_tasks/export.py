@@ -45,6 +45,7 @@ outputs must be finite.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -55,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from petdet_tasks.errors import ConfigError, PermanentError
-from petdet_tasks.layout import cache_root, fingerprint, step_prefix
+from petdet_tasks.layout import cache_root, canonical_json, fingerprint, step_prefix
 from petdet_tasks.manifest import StepResult, StepWriter, fetch_tree, load_output, run_step
 from petdet_tasks.store import Store
 
@@ -529,8 +530,13 @@ def export(store: Store, training_uri: str, cfg: ExportConfig | None = None, *,
     """Run (or find cached) the export step; see the module doc."""
     cfg = (cfg or ExportConfig()).validate()
     training = load_output(store, training_uri, expect_step="train")
-    inputs = {"training": training.fingerprint}
+    # the model is named by the weights it serves, not only by the training config: a forced
+    # retrain (same training fingerprint, new weights) exports to a new prefix, so it never
+    # overwrites the production model in place and must win promotion on its own metrics
+    inputs = {"training": training.fingerprint, "weights": weights_digest(training)}
     fp = fingerprint(STEP, SCHEMA_VERSION, inputs, cfg.to_dict())
+    if force:
+        _refuse_to_force_production(store, fp)
     cache = cache_root(cache_dir)
 
     def body(writer: StepWriter) -> dict:
@@ -538,6 +544,32 @@ def export(store: Store, training_uri: str, cfg: ExportConfig | None = None, *,
 
     return run_step(store, STEP, SCHEMA_VERSION, inputs=inputs, config=cfg.to_dict(),
                     body=body, force=force, fp=fp, run_id=run_id)
+
+
+def weights_digest(training: StepResult) -> str:
+    """sha256 over the training output's final model files (``preset/``: names and sha256s,
+    as its manifest records them)."""
+    files = {rel: e["sha256"] for rel, e in training.manifest.get("files", {}).items()
+             if rel.startswith("preset/")}
+    if not files:
+        raise ExportError(f"{training.uri} has no preset/ files in its manifest: nothing to export")
+    return hashlib.sha256(canonical_json(files).encode()).hexdigest()
+
+
+def _refuse_to_force_production(store: Store, fp: str) -> None:
+    """A forced export removes the output's manifest and files before rebuilding them: for the
+    model the registry serves that is an outage (detection fails until the new commit) and, if
+    the export then fails, a broken production. Same weights and config rebuild the same model,
+    so there is nothing to gain."""
+    from petdet_tasks.registry import read_production
+
+    pointer, _ = read_production(store)
+    if pointer is not None and pointer["model_fingerprint"] == fp:
+        raise ExportError(
+            f"refusing to force-rebuild {store.uri(step_prefix(STEP, fp).rstrip('/'))}: it is "
+            "the production model (registry/production.json), and a forced rebuild removes it "
+            "until the new export commits. The same weights and config export the same model: "
+            "run without force, or promote another model first")
 
 
 def _export_body(store: Store, writer: StepWriter, training: StepResult, cfg: ExportConfig,

@@ -340,3 +340,41 @@ def test_cli_export_evaluate_promote(trained, exported):
                           trained.store.root, "--evaluation", ev["uri"], "--metric", "nope"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "nope" in bad.stderr  # 2: a retry would fail the same way
+
+
+def test_the_model_is_named_by_the_weights_it_serves(trained, exported):
+    """A forced retrain keeps its training fingerprint but has new weights: its export must land
+    in a new prefix, not overwrite (possibly the production) model of the old weights."""
+    import dataclasses
+
+    from petdet_tasks.export import weights_digest
+
+    result, _, _ = exported
+    assert result.manifest["inputs"] == {"training": trained.training.fingerprint,
+                                         "weights": weights_digest(trained.training)}
+    files = dict(trained.training.manifest["files"])
+    weights = "preset/model.weights.h5"
+    assert weights in files
+    files[weights] = {**files[weights], "sha256": "0" * 64}
+    retrained = dataclasses.replace(trained.training,
+                                    manifest={**trained.training.manifest, "files": files})
+    assert weights_digest(retrained) != weights_digest(trained.training)
+    # files outside preset/ (history, logs, checkpoints) do not name the model
+    files = dict(trained.training.manifest["files"])
+    files["history.jsonl"] = {**files["history.jsonl"], "sha256": "0" * 64}
+    relogged = dataclasses.replace(trained.training,
+                                   manifest={**trained.training.manifest, "files": files})
+    assert weights_digest(relogged) == weights_digest(trained.training)
+
+
+def test_forcing_the_production_model_to_rebuild_is_refused(trained, exported):
+    """A forced export removes its output before rebuilding it: for the production model that
+    is an outage, and a failed rebuild would leave production pointing at nothing."""
+    result, _, _ = exported
+    store = trained.store
+    ev = evaluate(store, result.uri, trained.records.uri, cache_dir=trained.work / "cache")
+    promote_evaluated(store, ev.uri, metric="mAP@.5", run_id="manual__force")
+    assert read_production(store)[0]["model_uri"] == result.uri
+    with pytest.raises(ExportError, match="refusing to force-rebuild .* production model"):
+        export(store, trained.training.uri, cache_dir=trained.work / "cache", force=True)
+    assert read_manifest(store, step_prefix("export", result.fingerprint)) == result.manifest
