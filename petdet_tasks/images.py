@@ -30,6 +30,13 @@ Two modes:
     an EOI marker followed by more image data (which libjpeg silently treats as "the rest is
     gray") quarantines the file. Costs a full decode (milliseconds per image).
 
+In both modes an image of more than :data:`MAX_PIXELS` (50 million) pixels is quarantined as
+``image too large: ...`` before any pixel is decoded, whatever its format: its header alone
+says so (a 14 KB PNG can claim 121 Mpx, and decoding and re-encoding it costs ~600 MB in a
+shard worker). Pillow's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, raised as an
+error only at twice its 89 Mpx) is left alone; 50 Mpx is well above any photo of the dataset
+and above a 48 Mpx camera's, and bounds a worker's memory for one repair to a few hundred MB.
+
 Anything but a JPEG in ``RGB``/``L`` — PNG/GIF/BMP/WEBP/TIFF named ``.jpg``, CMYK/YCCK JPEGs,
 alpha or palette images, 16-bit or float images — is fully decoded in either mode, converted to
 RGB and re-encoded as a baseline JPEG (``"repaired"``):
@@ -53,12 +60,13 @@ height are the source's: nothing is resized or rotated (EXIF orientation is not 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from io import BytesIO
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-__all__ = ["CHECK_MODES", "ImageCheck", "check_image"]
+__all__ = ["CHECK_MODES", "MAX_PIXELS", "ImageCheck", "check_image"]
 
 CHECK_MODES = ("header", "full")
 
@@ -72,6 +80,15 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 _TRUNCATED = "truncated JPEG: no end-of-image marker"
+
+#: Images with more pixels are quarantined from their header alone (module docstring).
+MAX_PIXELS = 50_000_000
+
+
+def _too_large(pixels: int, size: tuple[int, int] | None = None) -> str:
+    dims = f" ({size[0]}x{size[1]})" if size else ""
+    return (f"image too large: {pixels} pixels{dims}, over the limit of {MAX_PIXELS} "
+            "(decompression-bomb guard)")
 
 
 @dataclass(frozen=True)
@@ -323,6 +340,8 @@ def check_image(
             width, height, components = frame
             src_mode = "L" if components == 1 else "RGB"
             known = {"size": (width, height), "fmt": "JPEG", "mode": src_mode}
+            if width * height > MAX_PIXELS:
+                return _quarantine(_too_large(width * height, (width, height)), **known)
             if not _has_eoi(data):
                 return _quarantine(_TRUNCATED, **known)
             return ImageCheck("ok", data, width, height, "JPEG", src_mode, None)
@@ -331,14 +350,21 @@ def check_image(
         img = Image.open(BytesIO(data))
     except UnidentifiedImageError:
         return _quarantine("cannot identify image file")
-    except Image.DecompressionBombError as e:
-        return _quarantine(f"image too large: {e}")
+    except Image.DecompressionBombError as e:  # over twice Pillow's limit: no size known
+        frame = _jpeg_frame(data)
+        if frame is not None:
+            size = frame[:2]
+            return _quarantine(_too_large(size[0] * size[1], size), size=size, fmt="JPEG")
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        return _quarantine(_too_large(int(pixels[1])) if pixels else f"image too large: {e}")
     except Exception as e:  # a plugin choking on a mangled header: SyntaxError, OSError, ...
         return _quarantine(f"cannot read image header: {type(e).__name__}: {e}")
 
     with img:
         fmt, src_mode, size = img.format or "unknown", img.mode, img.size
         known = {"size": size, "fmt": fmt, "mode": src_mode}
+        if size[0] * size[1] > MAX_PIXELS:
+            return _quarantine(_too_large(size[0] * size[1], size), **known)
         if fmt in _JPEG_FORMATS:
             if not data.startswith(_SOI):
                 return _quarantine("not a JPEG: missing start-of-image marker", **known)

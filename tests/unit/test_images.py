@@ -371,3 +371,48 @@ def test_header_fast_path_agrees_with_pillow_on_real_jpegs():
         assert result.status == ("repaired" if mode == "CMYK" else "ok")
     assert _jpeg_frame(b"\xff\xd8\xff") is None
     assert _jpeg_frame(b"GIF89a") is None
+
+
+def _claiming_size(jpeg: bytes, w: int, h: int) -> bytes:
+    """``jpeg`` with its frame header (SOF0) patched to claim ``w`` x ``h``."""
+    at = jpeg.index(b"\xff\xc0") + 2  # the segment length, then precision, height, width
+    return jpeg[:at + 3] + h.to_bytes(2, "big") + w.to_bytes(2, "big") + jpeg[at + 7:]
+
+
+def _png_header_only(w: int, h: int) -> bytes:
+    """A tiny PNG whose header claims ``w`` x ``h`` (a decompression bomb's first bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body)))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize("data,w,h", [
+    (_claiming_size(JPEG, 50000, 50000), 50000, 50000),  # over Pillow's hard limit too
+    (_claiming_size(JPEG, 8000, 7000), 8000, 7000),  # under Pillow's limits, over petdet's
+    (_png_header_only(11000, 11000), 11000, 11000),  # 121 Mpx: Pillow would only warn
+], ids=["jpeg-2500mpx", "jpeg-56mpx", "png-121mpx"])
+def test_images_over_max_pixels_are_quarantined_in_both_modes_alike(data, w, h):
+    from petdet_tasks.images import MAX_PIXELS
+
+    reason = (f"image too large: {w * h} pixels ({w}x{h}), over the limit of {MAX_PIXELS} "
+              "(decompression-bomb guard)")
+    for mode in CHECK_MODES:
+        result = check_image(data, name="bomb.jpg", mode=mode)
+        assert result.status == "quarantined" and result.data is None, (mode, result.reason)
+        assert result.reason == reason, (mode, result.reason)
+        assert (result.width, result.height) == (w, h)
+
+
+def test_an_image_at_max_pixels_is_not_refused_for_its_size():
+    from petdet_tasks.images import MAX_PIXELS
+
+    assert MAX_PIXELS == 50_000_000
+    result = check_image(_claiming_size(JPEG, 10000, 5000), mode="header")
+    assert result.status == "ok", result.reason
