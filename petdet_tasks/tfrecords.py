@@ -359,25 +359,37 @@ def parse_voc(data: bytes) -> dict:
     if root.tag != "annotation":
         raise ValueError(f"root element is <{root.tag}>, expected <annotation>")
 
+    # an entity reference is left unexpanded: a field holding one has a child node, which a
+    # child's .text does not show ("<xmin>&x;</xmin>" would read as a missing <xmin>)
+    entities = b"&" in data and next(root.iter(etree.Entity), None) is not None
+
     def texts(node) -> dict:
         # one pass over the children: much cheaper than an ElementPath lookup per field
-        return {c.tag: c.text for c in node} if node is not None else {}
+        if node is None:
+            return {}
+        if not entities:
+            return {c.tag: c.text for c in node}
+        return {c.tag: _as_written(c) for c in node}
 
     def num(values: dict, tag: str, kind=float):
         value = values.get(tag)
         if value is None or not value.strip():
-            raise ValueError(f"missing <{tag}>")
+            raise ValueError(f"missing <{tag}>" if tag not in values else f"<{tag}> is empty")
         try:
-            return kind(float(value))
+            number = float(value)
         except ValueError:
-            raise ValueError(f"<{tag}> is {value.strip()!r}, expected a number") from None
+            hint = " (entities are not expanded)" if "&" in value else ""
+            raise ValueError(f"<{tag}> is {value.strip()!r}, expected a number{hint}") from None
+        if not math.isfinite(number):  # nan, inf, 1e400: no box, no size
+            raise ValueError(f"<{tag}> is {value.strip()!r}, expected a finite number")
+        return kind(number)
 
     def flag(values: dict, tag: str) -> int:
         value = (values.get(tag) or "0").strip() or "0"
-        try:
-            return int(value)
-        except ValueError:
-            raise ValueError(f"<{tag}> is {value!r}, expected 0 or 1") from None
+        if value not in ("0", "1"):
+            hint = " (entities are not expanded)" if "&" in value else ""
+            raise ValueError(f"<{tag}> is {value!r}, expected 0 or 1{hint}")
+        return int(value)
 
     top = {c.tag: c for c in root}
     size = texts(top.get("size"))
@@ -389,7 +401,7 @@ def parse_voc(data: bytes) -> dict:
         if "bndbox" not in fields:
             raise ValueError("an <object> has no <bndbox>")
         box = texts(fields["bndbox"])
-        values = {k: v.text for k, v in fields.items()}
+        values = texts(obj)
         objects.append({
             "xmin": num(box, "xmin"), "ymin": num(box, "ymin"),
             "xmax": num(box, "xmax"), "ymax": num(box, "ymax"),
@@ -398,6 +410,18 @@ def parse_voc(data: bytes) -> dict:
             "pose": (values.get("pose") or "").strip() or "Unspecified",
         })
     return {"width": width, "height": height, "objects": objects}
+
+
+def _as_written(el) -> str | None:
+    """An element's text with its unexpanded entity references (``&x;``) and child elements
+    shown as written, for messages; its plain ``.text`` when it has no child."""
+    if not len(el):
+        return el.text
+    parts = [el.text or ""]
+    for c in el:
+        parts.append(c.text if c.tag is etree.Entity else f"<{c.tag}>...</{c.tag}>")
+        parts.append(c.tail or "")
+    return "".join(parts)
 
 
 class _Hist:
@@ -568,7 +592,7 @@ def write_shard(store: Store, p: Plan, split: str, index: int, cfg: TFRecordConf
                                entry=FileEntry(writer.bytes, writer.sha256))
     report["file"] = {"name": rel, **entry.to_json()}
     report["seconds"] = round(time.monotonic() - started, 3)
-    store.put_bytes(part_key, json.dumps(report, sort_keys=True).encode())
+    store.put_bytes(part_key, json.dumps(report, sort_keys=True, allow_nan=False).encode())
     log.info("%s: %d examples, %d repaired, %d quarantined (%.1fs)", rel, report["examples"],
              len(report["repaired"]), len(report["quarantined"]), report["seconds"])
     return report
@@ -695,7 +719,9 @@ def gather(store: Store, p: Plan, cfg: TFRecordConfig, *, run_id: str | None = N
         written_labels = quality_gate(merged, labels, cfg)
         merged["label_map"] = written_labels.to_json()
         writer.put_bytes("label_map.pbtxt", written_labels.to_pbtxt().encode())
-        writer.put_json("data_report.json", merged)
+        # strict JSON: a NaN or Infinity literal would make the report unreadable elsewhere
+        writer.put_bytes("data_report.json", (json.dumps(
+            merged, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
         c = merged["counts"]
         log.info("tfrecords: %d train / %d val examples, %d repaired, %d quarantined, "
                  "%d boxes clipped, %d dropped", merged["splits"]["train"]["examples"],

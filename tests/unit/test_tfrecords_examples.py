@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 
 import numpy as np
 import pytest
@@ -189,3 +190,54 @@ def test_config_from_loose_values_and_clear_errors():
         TFRecordConfig.from_dict({"shards": 3})
     with pytest.raises(ValueError, match="num_shards=.*expected int"):
         TFRecordConfig.from_dict({"num_shards": "many"})
+
+
+@pytest.mark.parametrize("size,box,reason", [
+    (("inf", 30), (4, 3, 20, 15), "<width> is 'inf', expected a finite number"),
+    ((40, "1e400"), (4, 3, 20, 15), "<height> is '1e400', expected a finite number"),
+    ((40, "nan"), (4, 3, 20, 15), "<height> is 'nan', expected a finite number"),
+    ((40, 30), ("nan", 3, 20, 15), "<xmin> is 'nan', expected a finite number"),
+    ((40, 30), (4, "-inf", 20, 15), "<ymin> is '-inf', expected a finite number"),
+    ((40, 30), (4, 3, "Infinity", 15), "<xmax> is 'Infinity', expected a finite number"),
+    ((40, 30), (4, 3, 20, "1e999"), "<ymax> is '1e999', expected a finite number"),
+])
+def test_non_finite_numbers_quarantine_the_image_naming_field_and_value(size, box, reason):
+    record, report = _build("Bengal_9", _jpeg(), _xml([(box, "Frontal", 0, 0)], size=size))
+    assert record is None
+    assert report["quarantined"] == [{"name": "Bengal_9", "reason": f"bad XML: {reason}"}]
+    assert not report["clipped"] and not report["dropped"]
+    json.dumps(report, allow_nan=False)  # the part report stays strict JSON
+
+
+@pytest.mark.parametrize("truncated,difficult,reason", [
+    (7, 0, "<truncated> is '7', expected 0 or 1"),
+    (0, -1, "<difficult> is '-1', expected 0 or 1"),
+    (2**64 + 1, 0, f"<truncated> is '{2**64 + 1}', expected 0 or 1"),
+    (0, "yes", "<difficult> is 'yes', expected 0 or 1"),
+])
+def test_flags_other_than_0_or_1_quarantine_the_image(truncated, difficult, reason):
+    record, report = _build("Bengal_10", _jpeg(),
+                            _xml([((4, 3, 20, 15), "Frontal", truncated, difficult)]))
+    assert record is None
+    assert report["quarantined"] == [{"name": "Bengal_10", "reason": f"bad XML: {reason}"}]
+
+
+def test_flags_0_1_and_absent_are_accepted():
+    record, report = _build("Bengal_11", _jpeg(), _xml([((4, 3, 20, 15), "Frontal", 1, 0)]))
+    assert record is not None and not report["quarantined"]
+    assert parse_voc(b"<annotation><object><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax>"
+                     b"<ymax>5</ymax></bndbox></object></annotation>")["objects"][0][
+        "difficult"] == 0
+
+
+@pytest.mark.parametrize("value,shown", [("&x;", "'&x;'"), ("1&x;0", "'1&x;0'")])
+def test_an_unexpanded_entity_is_named_in_the_reason(value, shown):
+    head = '<?xml version="1.0"?><!DOCTYPE annotation [<!ENTITY x "5">]>'
+    xml = _xml([((value, 3, 20, 15), "Frontal", 0, 0)], extra_head=head)
+    record, report = _build("Bengal_12", _jpeg(), xml)
+    assert record is None
+    assert report["quarantined"][0]["reason"] == (
+        f"bad XML: <xmin> is {shown}, expected a number (entities are not expanded)")
+    flagged = _xml([((4, 3, 20, 15), "Frontal", "&x;", 0)], extra_head=head)
+    assert _build("Bengal_13", _jpeg(), flagged)[1]["quarantined"][0]["reason"] == (
+        "bad XML: <truncated> is '&x;', expected 0 or 1 (entities are not expanded)")
