@@ -92,9 +92,10 @@ with DAG(
             description="s3://bucket/prefix, or an absolute local path, that every step "
             "writes under.",
         ),
+        # optional texts are nullable: the trigger form sends null for a cleared text field
         "aws_conn_id": Param(
             os.environ.get("PETDET_AWS_CONN_ID", "aws_default"),
-            type="string",
+            type=["null", "string"],
             title="AWS connection",
             description="Airflow connection used for s3:// roots (ignored for local roots). "
             "Empty: the workers' standard AWS environment.",
@@ -118,28 +119,42 @@ with DAG(
         "classes": Param("all", type="string", enum=["all", "present"], title="Classes",
                          description="all: every label-map breed needs training images; "
                          "present: train on the breeds the data has."),
-        "extra_data": Param("", type="string", title="Extra labelled data",
+        "extra_data": Param(None, type=["null", "string"], title="Extra labelled data",
                             description="Optional prefix in the store laid out like the "
                             "dataset (images/, annotations/xmls/, annotations/trainval.txt); "
                             "new content changes the fingerprint and triggers a rebuild."),
+        # The training fields are empty by default: a value set here overrides the training
+        # config file; left empty, the file's value applies, or without one (or if the file
+        # does not set it) TrainConfig's default (petdet_tasks/train_config.py), given in
+        # each description.
         "preset": Param(
-            os.environ.get("PETDET_PRESET", "retinanet_resnet50_fpn_coco"), type="string",
+            os.environ.get("PETDET_PRESET"), type=["null", "string"],
             title="Starting preset",
             description="keras-hub preset name, kaggle:// handle, worker-local directory, or a "
-            "prefix in the store (synced first)."),
-        "num_steps": Param(2000, type="integer", minimum=1, title="Training steps"),
-        "batch_size": Param(8, type="integer", minimum=1, title="Batch size per replica"),
-        "image_size": Param(384, type="integer", minimum=64, maximum=1536, multipleOf=32,
-                            title="Model input size (px)"),
-        "optimizer": Param("sgd", type="string", enum=["sgd", "adam"], title="Optimizer"),
-        "learning_rate": Param(0.01, type="number", exclusiveMinimum=0,
+            "prefix in the store (synced first). Empty: the config file's, else "
+            "retinanet_resnet50_fpn_coco."),
+        "num_steps": Param(None, type=["null", "integer"], minimum=1, title="Training steps",
+                           description="Empty: the config file's, else 2000."),
+        "batch_size": Param(None, type=["null", "integer"], minimum=1,
+                            title="Batch size per replica",
+                            description="Empty: the config file's, else 8."),
+        "image_size": Param(None, type=["null", "integer"], minimum=64, maximum=1536,
+                            multipleOf=32, title="Model input size (px)",
+                            description="Empty: the config file's, else 384."),
+        "optimizer": Param(None, type=["null", "string"], enum=[None, "sgd", "adam"],
+                           title="Optimizer", description="Empty: the config file's, else sgd."),
+        "learning_rate": Param(None, type=["null", "number"], exclusiveMinimum=0,
                                title="Initial learning rate",
-                               description="Cosine decay with warm-up by default."),
-        "checkpoint_every_n": Param(200, type="integer", minimum=1,
-                                    title="Checkpoint every N steps"),
-        "train_config_file": Param("", type="string", title="Training config file",
+                               description="Empty: the config file's, else 0.01 (cosine decay "
+                               "by default; the schedule's kind and warm-up come from the "
+                               "file)."),
+        "checkpoint_every_n": Param(None, type=["null", "integer"], minimum=1,
+                                    title="Checkpoint every N steps",
+                                    description="Empty: the config file's, else 200."),
+        "train_config_file": Param(None, type=["null", "string"], title="Training config file",
                                    description="Optional JSON/YAML or OD API pipeline.config "
-                                   "on the workers; the fields above override it."),
+                                   "on the workers; the fields above, where set, override "
+                                   "it."),
         "promotion_metric": Param("mAP", type="string",
                                   enum=["mAP", "mAP@.5", "mAP@.75", "recall@100"],
                                   title="Promotion metric",
@@ -155,7 +170,7 @@ with DAG(
                              title="Detect with",
                              description="production: the registry's model (this run's if "
                              "it was promoted); candidate: this run's model regardless."),
-        "detect_images": Param("", type="string", title="Images to detect on",
+        "detect_images": Param(None, type=["null", "string"], title="Images to detect on",
                                description="Store prefix or worker-local folder of JPEG/PNG "
                                "images; empty: the dataset's test split."),
         "detection_score_threshold": Param(0.5, type="number", minimum=0, maximum=1,

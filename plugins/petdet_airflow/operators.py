@@ -21,7 +21,8 @@ class PetdetOperator(BaseOperator):
         (templated)
     :param aws_conn_id: Airflow connection for S3 (the Amazon provider's S3Hook builds the
         boto3 client from it: login/password = keys, extra ``endpoint_url`` for a non-AWS
-        server). Empty: the standard AWS environment of the worker. (templated)
+        server). Empty (``None``, ``""`` or ``"None"``): the standard AWS environment of the
+        worker. (templated)
     """
 
     template_fields: tuple[str, ...] = ("store_root", "aws_conn_id")
@@ -39,10 +40,11 @@ class PetdetOperator(BaseOperator):
 
         root = str(self.store_root)
         client = None
-        if root.startswith("s3://") and self.aws_conn_id:
+        conn_id = _none_if_empty(self.aws_conn_id)
+        if root.startswith("s3://") and conn_id:
             from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-            client = S3Hook(aws_conn_id=self.aws_conn_id).get_conn()
+            client = S3Hook(aws_conn_id=conn_id).get_conn()
         return open_store(root, s3_client=client)
 
     def execute(self, context) -> Any:
@@ -195,9 +197,11 @@ class TrainDetectorOperator(PetdetOperator):
 
     :param tfrecords_uri: the tfrecords step's output URI. (templated)
     :param config: overrides of :class:`petdet_tasks.train_config.TrainConfig` fields (nested
-        dicts for ``learning_rate``/``augmentation``); empty values are ignored. (templated)
+        dicts for ``learning_rate``/``augmentation``); empty values (``None``, ``""``,
+        ``"None"``) are not set, so the config file's value (else TrainConfig's default)
+        applies. (templated)
     :param config_file: a training config file on the worker (JSON/YAML, or an OD API
-        pipeline.config, converted); the overrides apply on top. (templated)
+        pipeline.config, converted); the overrides apply on top. Empty: none. (templated)
     :param force: retrain even if the output is complete. (templated)
     """
 
@@ -214,12 +218,19 @@ class TrainDetectorOperator(PetdetOperator):
         self.config_file = config_file
         self.force = force
 
-    def execute_step(self, context) -> dict:
-        from petdet_tasks.train import train
+    def resolved_config(self):
+        """The :class:`~petdet_tasks.train_config.TrainConfig` the task trains with: the config
+        file (or the defaults), then the non-empty overrides on top."""
         from petdet_tasks.train_config import TrainConfig, load_train_config
 
-        base = load_train_config(self.config_file) if self.config_file else TrainConfig()
-        cfg = base.merged(_drop_empty(dict(self.config)))
+        path = _none_if_empty(self.config_file)
+        base = load_train_config(path) if path else TrainConfig()
+        return base.merged(_drop_empty(dict(self.config)))
+
+    def execute_step(self, context) -> dict:
+        from petdet_tasks.train import train
+
+        cfg = self.resolved_config()
         self.log.info("training config: %s", cfg.to_dict())
         result = train(self.get_store(), str(self.tfrecords_uri), cfg,
                        run_id=context.get("run_id"), force=_as_bool(self.force))
