@@ -45,7 +45,7 @@ from typing import NamedTuple
 
 from lxml import etree
 
-from petdet_tasks.breeds import breed_of
+from petdet_tasks.breeds import BREEDS, breed_id, breed_of, class_id, species
 from petdet_tasks.errors import ConfigError, PermanentError
 from petdet_tasks.images import CHECK_MODES, check_image
 from petdet_tasks.label_map import LabelMap, load_label_map, pets_label_map
@@ -178,6 +178,8 @@ class Plan:
     skipped: dict[str, list[dict]]  # reason → [{"name", "detail"}]: never silent
     config: dict
     inputs: dict
+    # reason → [{"name", "detail"}]: images written, with something about them to report
+    noted: dict[str, list[dict]] = field(default_factory=dict)
     by_unit: dict[tuple[str, int], list[Example]] = field(repr=False, init=False)
 
     def __post_init__(self) -> None:
@@ -212,13 +214,21 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
     return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
 
 
-def _list_names(text: str) -> list[str]:
-    names = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            names.append(line.split()[0])
-    return names
+def _list_lines(text: str) -> list[tuple[int, list[str]]]:
+    """(line number, columns) of each line of a list file that is not blank or a comment."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        cols = line.split()
+        if cols and cols[0][0] != "#":
+            out.append((n, cols))
+    return out
+
+
+def _id_columns(breed: str) -> tuple[str, str, str] | None:
+    """CLASS-ID, SPECIES, BREED-ID that the list files give a breed (None: not an Oxford one)."""
+    if breed not in BREEDS:
+        return None
+    return str(class_id(breed)), str(species(breed)), str(breed_id(breed))
 
 
 def _listed_files(store: Store, base: str) -> dict[str, None]:
@@ -262,21 +272,43 @@ _ABSENT = object()
 
 
 def _examples_from(store: Store, base: str, files: Mapping[str, dict | None], source: str,
-                   cfg: TFRecordConfig, labels: LabelMap, skipped: dict[str, list]
-                   ) -> list[Example]:
+                   cfg: TFRecordConfig, labels: LabelMap, skipped: dict[str, list],
+                   noted: dict[str, list]) -> list[Example]:
     """The examples of one source. ``files``: relative path → its manifest entry (whose
-    ``sha256`` the shard writer checks the image against) or None where no hash is recorded."""
+    ``sha256`` the shard writer checks the image against) or None where no hash is recorded.
+
+    Each line of the list file must be ``IMAGE CLASS-ID SPECIES BREED-ID``; the breed comes
+    from the image name (as in the OD API's script). A line of other columns is skipped
+    (``malformed_list_line``), a name listed again is written once (``duplicate_list_line``),
+    and ID columns that disagree with the name's breed are noted (``list_ids_disagree``)."""
     list_file = next((f for f in ("annotations/trainval.txt", "annotations/list.txt")
                       if f in files), None)
     if list_file is None:
         raise FileNotFoundError(f"{store.uri(base)}: no annotations/trainval.txt or list.txt")
-    names = _list_names(store.read_text(base + list_file))
+    from petdet_tasks.download import decode_list_file  # not at import: fetch is heavy
+
+    text = decode_list_file(store.get_bytes(base + list_file)[0], store.uri(base + list_file))
     val_cut = cfg.val_fraction * 2**64
     num_shards = cfg.num_shards
     out: list[Example] = []
-    known: set[str] = set()  # breeds already checked against the label map
+    # breed → the ID columns its lines should have (an Oxford breed's own, else the first
+    # line's); a breed is in it once checked against the label map
+    known: dict[str, tuple[str, ...]] = {}
+    first_line: dict[str, int] = {}  # name → the line that listed it first
     sha256, from_bytes, new_example = hashlib.sha256, int.from_bytes, tuple.__new__
-    for name in names:  # once per image, in the serial plan: kept lean
+    for line_no, cols in _list_lines(text):  # once per image, in the serial plan: kept lean
+        name = cols[0]
+        where = f"{list_file} line {line_no}"
+        if len(cols) != 4:
+            skipped.setdefault("malformed_list_line", []).append({
+                "name": name, "detail": f"{where} is {' '.join(cols)!r}: expected IMAGE "
+                "CLASS-ID SPECIES BREED-ID"})
+            continue
+        if first_line.setdefault(name, line_no) != line_no:
+            skipped.setdefault("duplicate_list_line", []).append({
+                "name": name, "detail": f"{where} lists it again (first on line "
+                f"{first_line[name]}): written once"})
+            continue
         breed, sep, num = name.rpartition("_")
         if not (sep and num.isdigit() and breed in known):  # the slow path once per breed
             try:
@@ -285,7 +317,17 @@ def _examples_from(store: Store, base: str, files: Mapping[str, dict | None], so
             except (KeyError, ValueError) as e:
                 skipped.setdefault("unknown_class", []).append({"name": name, "detail": str(e)})
                 continue
-            known.add(breed)
+            if breed not in known:
+                known[breed] = _id_columns(breed) or tuple(cols[1:])
+        ids = known[breed]
+        if ids[0] != cols[1] or ids[1] != cols[2] or ids[2] != cols[3]:  # the file name wins
+            problem = _id_problem(cols[1:], ids, breed)
+            if problem is not None:
+                kind, detail = problem
+                (skipped if kind == "malformed_list_line" else noted).setdefault(kind, []).append(
+                    {"name": name, "detail": f"{where}: {detail}"})
+                if kind == "malformed_list_line":
+                    continue
         image = "images/" + name + ".jpg"
         xml = "annotations/xmls/" + name + ".xml"
         entry = files.get(image, _ABSENT)
@@ -305,6 +347,22 @@ def _examples_from(store: Store, base: str, files: Mapping[str, dict | None], so
     return out
 
 
+def _id_problem(cols: list[str], ids: tuple[str, ...], breed: str) -> tuple[str, str] | None:
+    """Why a line's ID columns differ from the breed's (None: the same numbers written
+    differently, e.g. ``01``). ``malformed_list_line`` (not numbers: the line is skipped) or
+    ``list_ids_disagree`` (the image is kept, with the breed its file name says)."""
+    try:
+        got = [int(c) for c in cols]
+    except ValueError:
+        return ("malformed_list_line",
+                f"{' '.join(cols)!r} are not CLASS-ID SPECIES BREED-ID numbers")
+    if got == [int(i) for i in ids]:
+        return None
+    return ("list_ids_disagree",
+            f"CLASS-ID SPECIES BREED-ID are {' '.join(cols)}, the file name's breed {breed} has "
+            f"{' '.join(ids)}; the file name's breed is used")
+
+
 def plan(store: Store, dataset_uri: str, cfg: TFRecordConfig) -> Plan:
     """Decide every example's split and shard and the output fingerprint (module doc)."""
     cfg.validate()
@@ -312,14 +370,15 @@ def plan(store: Store, dataset_uri: str, cfg: TFRecordConfig) -> Plan:
     dataset = load_output(store, dataset_uri, expect_step="download")
     base = step_prefix("download", dataset.fingerprint)
     skipped: dict[str, list] = {}
+    noted: dict[str, list] = {}
     examples = _examples_from(store, base, dataset.manifest["files"], "dataset", cfg, labels,
-                              skipped)
+                              skipped, noted)
     inputs = {"dataset": dataset.fingerprint}
     if cfg.extra_data:
         extra = _extra_prefix(store, cfg.extra_data)
         inputs["extra_data"] = _prefix_digest(store, extra)
         extra_examples = _examples_from(store, extra, _listed_files(store, extra), "extra",
-                                        cfg, labels, skipped)
+                                        cfg, labels, skipped, noted)
         clash = sorted({e.name for e in examples} & {e.name for e in extra_examples})
         if clash:
             raise DataQualityError(
@@ -336,7 +395,7 @@ def plan(store: Store, dataset_uri: str, cfg: TFRecordConfig) -> Plan:
     cache_hit = not cfg.force and read_manifest(store, prefix) is not None
     units = [(s, i) for s in SPLITS for i in range(cfg.num_shards)]
     return Plan(fp, store.uri(prefix.rstrip("/")), prefix, cache_hit, units, examples, skipped,
-                config, inputs)
+                config, inputs, noted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,7 +678,9 @@ def write_shards(store: Store, p: Plan, units: Iterable[tuple[str, int]], cfg: T
 # Gather
 # ---------------------------------------------------------------------------------------------
 
-def _merge(reports: list[dict], skipped: dict[str, list]) -> dict:
+def _merge(reports: list[dict], skipped: dict[str, list],
+           noted: dict[str, list] | None = None) -> dict:
+    noted = noted or {}
     per_split: dict[str, dict] = {}
     for split in SPLITS:
         rs = [r for r in reports if r["split"] == split]
@@ -646,6 +707,7 @@ def _merge(reports: list[dict], skipped: dict[str, list]) -> dict:
         "repaired": lists["repaired"],
         "quarantined": lists["quarantined"],
         "skipped": {k: sorted(v, key=lambda x: x["name"]) for k, v in sorted(skipped.items())},
+        "noted": {k: sorted(v, key=lambda x: x["name"]) for k, v in sorted(noted.items())},
         "size_mismatch": lists["size_mismatch"],
         "boxes_clipped": lists["clipped"],
         "boxes_dropped": lists["dropped"],
@@ -655,6 +717,7 @@ def _merge(reports: list[dict], skipped: dict[str, list]) -> dict:
             "written": written, "repaired": len(lists["repaired"]),
             "quarantined": len(lists["quarantined"]),
             **{f"skipped_{k}": len(v) for k, v in sorted(skipped.items())},
+            **{f"noted_{k}": len(v) for k, v in sorted(noted.items())},
             "size_mismatch": len(lists["size_mismatch"]),
             "boxes_clipped": len(lists["clipped"]), "boxes_dropped": len(lists["dropped"]),
             "images_without_boxes": len(lists["no_boxes"]),
@@ -715,7 +778,7 @@ def gather(store: Store, p: Plan, cfg: TFRecordConfig, *, run_id: str | None = N
         if missing:
             raise StoreError(f"{len(missing)} shards of {p.uri} are not written yet: "
                              f"{', '.join(missing[:5])}; run the shard tasks first")
-        merged = _merge(reports, p.skipped)
+        merged = _merge(reports, p.skipped, p.noted)
         written_labels = quality_gate(merged, labels, cfg)
         merged["label_map"] = written_labels.to_json()
         writer.put_bytes("label_map.pbtxt", written_labels.to_pbtxt().encode())

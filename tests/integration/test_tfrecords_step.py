@@ -397,3 +397,43 @@ def test_extra_data_outside_the_store_is_a_config_error_naming_the_option(store,
                                           r"inside the store") as info:
         plan(store, uri, TFRecordConfig(**SAMPLE_CFG, extra_data=extra))
     assert "s3cr3t" not in str(info.value)
+
+
+def test_list_file_duplicates_bad_ids_and_malformed_lines_are_reported(store, dataset,
+                                                                       tmp_path):
+    uri, summary = dataset
+    key = step_prefix("download", load_output(store, uri).fingerprint) + \
+        "annotations/trainval.txt"
+    lines = store.get_bytes(key)[0].decode().splitlines()
+    defects = set(summary["defects"])
+    good = [ln for ln in lines if ln.split()[0] not in defects]
+    (dup, *_), (bad_cols, *_), (bare, *_), (wrong, *ids) = (ln.split() for ln in good[:4])
+    edited = [ln for ln in lines if ln.split()[0] not in (bad_cols, bare, wrong)]
+    n = len(edited)
+    edited += [f"{bad_cols} x y", bare, f"{wrong} 99 {ids[1]} {ids[2]}", good[0]]
+    store.put_bytes(key, ("\n".join(edited) + "\n").encode())
+
+    result = build(store, uri, TFRecordConfig(**SAMPLE_CFG), workers=1)
+    report = _report(store, result)
+    skipped = report["skipped"]
+    assert skipped["duplicate_list_line"] == [{
+        "name": dup, "detail": f"annotations/trainval.txt line {n + 4} lists it again (first "
+        f"on line {lines.index(good[0]) + 1}): written once"}]
+    assert skipped["malformed_list_line"] == sorted([
+        {"name": bad_cols, "detail": f"annotations/trainval.txt line {n + 1} is "
+         f"'{bad_cols} x y': expected IMAGE CLASS-ID SPECIES BREED-ID"},
+        {"name": bare, "detail": f"annotations/trainval.txt line {n + 2} is '{bare}': "
+         "expected IMAGE CLASS-ID SPECIES BREED-ID"}], key=lambda x: x["name"])
+    breed = wrong.rsplit("_", 1)[0]
+    assert "list_ids_disagree" not in skipped  # kept: the file name says the breed
+    assert report["noted"]["list_ids_disagree"] == [{
+        "name": wrong, "detail": f"annotations/trainval.txt line {n + 3}: CLASS-ID SPECIES "
+        f"BREED-ID are 99 {ids[1]} {ids[2]}, the file name's breed {breed} has "
+        f"{' '.join(ids)}; the file name's breed is used"}]
+    counts = report["counts"]
+    assert (counts["skipped_duplicate_list_line"], counts["skipped_malformed_list_line"],
+            counts["noted_list_ids_disagree"]) == (1, 2, 1)
+    names = [r["name"] for r in _read_records(store, result, tmp_path)]
+    assert names.count(dup) == 1 and wrong in names
+    assert bad_cols not in names and bare not in names
+    assert report["written"] == summary["trainval"] - 2 - 2  # the sample's 2, the 2 malformed
