@@ -6,7 +6,8 @@
    log a cache hit and return the recorded outputs: no work, no upload.
 2. Take the prefix's lease (``_LEASE.json``, a create-only put). A writer that finds a live
    lease waits for the holder's manifest and returns it as a cache hit; a lease whose holder
-   stopped renewing it (the process died) is taken over with a compare-and-swap on its ETag.
+   stopped renewing it (the process died) is taken over with a compare-and-swap on its ETag —
+   once it expires, or at once when the holder ran on this machine and its process is gone.
    So two writers racing for one prefix end with one complete, consistent output — the second
    never writes a byte.
 3. A prefix without a manifest is incomplete: nobody reads it; the new holder deletes what is
@@ -163,6 +164,46 @@ class StepWriter:
             raise ValueError(f"{rel!r} is reserved for the commit protocol")
 
 
+def _pid_namespace() -> str | None:
+    """This process's PID namespace (Linux), so that a pid is only compared within it."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _holder_is_gone(holder: dict) -> bool:
+    """The lease's holder ran on this machine, in this PID namespace, and its process no longer
+    exists (killed, crashed, its container restarted): its lease can be taken over now, rather
+    than after its expiry — a killed training run resumes at once when rerun on the same
+    worker. Anything uncertain (another host, another namespace, a pid that exists, perhaps
+    reused) keeps the wait for the expiry; and a holder wrongly judged gone would still not
+    commit, since its next renewal finds the lease changed."""
+    ns = _pid_namespace()
+    pid = holder.get("pid")
+    if (ns is None or holder.get("pid_namespace") != ns
+            or holder.get("host") != socket.gethostname()
+            or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0
+            or pid == os.getpid()):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by another user
+        return False
+    return _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """A process that exited but was not reaped yet (its parent is still running)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
+
+
 class _Lease:
     """A renewable, expiring claim on a prefix, kept in ``<prefix>_LEASE.json``."""
 
@@ -174,6 +215,7 @@ class _Lease:
             "id": uuid.uuid4().hex,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "pid_namespace": _pid_namespace(),
             "run_id": run_id,
         }
         self.etag: str | None = None
@@ -198,13 +240,15 @@ class _Lease:
         except NotFound:
             return {"expires_at": 0, "id": None, "released": True}  # released meanwhile: retry
         holder = json.loads(data)
-        if holder.get("expires_at", 0) < time.time():
+        expired = holder.get("expires_at", 0) < time.time()
+        if expired or _holder_is_gone(holder):
             try:
                 self.etag = self.store.put_bytes(self.key, self._body(), if_match=etag)
                 log.warning(
-                    "took over the expired lease on %s from %s (pid %s on %s, run %s)",
-                    self.store.uri(self.key), holder.get("id"), holder.get("pid"),
-                    holder.get("host"), holder.get("run_id"),
+                    "took over the %s lease on %s from %s (pid %s on %s, run %s)",
+                    "expired" if expired else "dead process's", self.store.uri(self.key),
+                    holder.get("id"), holder.get("pid"), holder.get("host"),
+                    holder.get("run_id"),
                 )
                 return None
             except (PreconditionFailed, NotFound):

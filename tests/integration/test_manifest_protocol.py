@@ -225,3 +225,63 @@ def test_fingerprint_rules():
     with pytest.raises(ValueError, match="not a step output URI"):
         split_output_uri("s3://b/p/elsewhere/" + base)
     assert manifest_key("datasets/x/") == "datasets/x/_MANIFEST.json"
+
+
+def _lease_of(pid, **kw):
+    import os
+    import socket
+
+    return json.dumps({"id": "earlier-writer", "pid": pid, "host": socket.gethostname(),
+                       "pid_namespace": os.readlink("/proc/self/ns/pid"),
+                       "expires_at": time.time() + 600, **kw}).encode()
+
+
+@pytest.mark.parametrize("how", ["exited", "zombie"])
+def test_a_lease_whose_process_is_gone_is_taken_over_at_once(store, caplog, how):
+    """A killed run rerun on the same machine resumes now, not after the lease's expiry. A
+    zombie (exited, its parent has not reaped it yet) is gone too."""
+    import subprocess
+    import sys
+
+    prefix = step_prefix("download", fingerprint("download", 1, INPUTS, CONFIG))
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    if how == "exited":
+        child.wait()
+    else:
+        while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)
+    try:
+        store.put_bytes(lease_key(prefix), _lease_of(child.pid))
+        t = time.monotonic()
+        with caplog.at_level("WARNING", logger="petdet"):
+            result = _run(store, _body([]), wait_timeout_s=30, poll_s=0.05)
+    finally:
+        child.wait()
+    assert time.monotonic() - t < 10 and not result.cache_hit
+    assert "took over the dead process's lease" in caplog.text
+
+
+@pytest.mark.parametrize("why", ["alive", "other host", "other namespace", "older writer"])
+def test_a_lease_of_a_live_or_unknown_process_is_waited_for(store, why):
+    import socket
+    import subprocess
+    import sys
+
+    prefix = step_prefix("download", fingerprint("download", 1, INPUTS, CONFIG))
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lease = {
+            "alive": _lease_of(live.pid),
+            "other host": _lease_of(999_999_999, host="another-machine"),
+            "other namespace": _lease_of(999_999_999, pid_namespace="pid:[1]"),
+            # written by an older petdet: no namespace recorded, so no judgement
+            "older writer": json.dumps({"id": "earlier-writer", "pid": 999_999_999,
+                                        "host": socket.gethostname(),
+                                        "expires_at": time.time() + 600}).encode(),
+        }[why]
+        store.put_bytes(lease_key(prefix), lease)
+        with pytest.raises(StoreError, match="earlier-writer"):
+            _run(store, _body([]), wait_timeout_s=0.3, poll_s=0.05)
+    finally:
+        live.kill()
+        live.wait()
