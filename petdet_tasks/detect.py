@@ -989,7 +989,8 @@ def gather(store: Store, p: DetectPlan, cfg: DetectConfig, *, run_id: str | None
                 "model_uri": p.model_uri, "model_fingerprint": p.model_fingerprint}
 
     return run_step(store, STEP, SCHEMA_VERSION, inputs=p.inputs, config=p.config, body=body,
-                    force=p.force, resume=True, fp=p.fingerprint, run_id=run_id,
+                    force=p.force, resume=True, force_clears=False, fp=p.fingerprint,
+                    run_id=run_id,
                     extra_manifest={"detect_config": cfg.to_dict(), "input": p.images})
 
 

@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from petdet_tasks.errors import ConfigError
+
 MANIFEST = "_MANIFEST.json"
 LEASE = "_LEASE.json"
 PRODUCTION_POINTER = "registry/production.json"
@@ -69,18 +71,22 @@ def lease_key(prefix: str) -> str:
 
 
 def split_output_uri(uri: str) -> tuple[str, str, str]:
-    """``<root>/<folder>/<fp>`` → (root, step, fingerprint); the inverse of a step's output URI."""
+    """``<root>/<folder>/<fp>`` → (root, step, fingerprint); the inverse of a step's output URI.
+    A malformed one is a :class:`ConfigError` (a retry cannot mend it)."""
     parts = uri.rstrip("/").rsplit("/", 2)
     if len(parts) != 3:
-        raise ValueError(f"{uri!r} is not a step output URI (<root>/<folder>/<fingerprint>)")
+        raise ConfigError(f"{uri!r} is not a step output URI (<root>/<folder>/<fingerprint>)")
     root, folder, fp = parts
     steps = {v: k for k, v in STEP_FOLDERS.items()}
     if folder not in steps:
-        raise ValueError(
+        raise ConfigError(
             f"{uri!r} is not a step output URI: folder {folder!r} is not one of "
             f"{sorted(steps)}"
         )
-    step_prefix(steps[folder], fp)  # validates the fingerprint
+    try:
+        step_prefix(steps[folder], fp)  # validates the fingerprint
+    except ValueError as e:
+        raise ConfigError(f"{uri!r} is not a step output URI: {e}") from None
     return root, steps[folder], fp
 
 

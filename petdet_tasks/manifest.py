@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from petdet_tasks import __version__
+from petdet_tasks.errors import ConfigError
 from petdet_tasks.layout import (
     canonical_json,
     fingerprint,
@@ -297,12 +298,18 @@ def read_manifest(store: Store, prefix: str) -> dict | None:
 
 
 def load_output(store: Store, uri: str, *, expect_step: str | None = None) -> StepResult:
-    """A committed output by URI (as passed between steps); a clear error if incomplete."""
+    """A committed output by URI (as passed between steps) or by its ``<folder>/<fingerprint>``
+    relative to the store's root; a clear error if incomplete. A URI of the wrong step or
+    outside this store is a :class:`ConfigError`; a missing manifest a (retryable)
+    :class:`StoreError`, since the output may still be on its way."""
+    uri = str(uri).strip()
+    if "://" not in uri and not os.path.isabs(uri) and uri.rstrip("/").count("/") == 1:
+        uri = store.uri(uri.rstrip("/"))  # datasets/<fp>, models/<fp>, ...
     root, step, fp = split_output_uri(uri)
     if expect_step is not None and step != expect_step:
-        raise ValueError(f"{uri} is a {step!r} output, expected a {expect_step!r} output")
+        raise ConfigError(f"{uri} is a {step!r} output, expected a {expect_step!r} output")
     if root.rstrip("/") != store.root.rstrip("/"):
-        raise ValueError(f"{uri} is not under the store root {store.root}")
+        raise ConfigError(f"{uri} is not under the store root {store.root}")
     prefix = step_prefix(step, fp)
     manifest = read_manifest(store, prefix)
     if manifest is None:
@@ -320,6 +327,7 @@ def run_step(
     body: Callable[[StepWriter], dict],
     force: bool = False,
     resume: bool = False,
+    force_clears: bool = True,
     fp: str | None = None,
     lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
     wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
@@ -335,6 +343,9 @@ def run_step(
     :param force: recompute from scratch even if a manifest exists (its manifest is removed
         first, then its files, also with ``resume``).
     :param resume: keep what an earlier incomplete attempt left under the prefix (training).
+    :param force_clears: with ``force`` and a complete output, remove its files too (the
+        default). False for a gather whose shards, written under the prefix before it by this
+        forced attempt, are the new output's.
     :param fp: a precomputed fingerprint (must equal ``fingerprint(step, ...)`` of the same
         arguments; given when the caller needed it before calling).
     """
@@ -389,12 +400,13 @@ def run_step(
             # a forced training run restarts at step 0 instead of re-committing its last
             # checkpoint). The manifest goes first, so nobody reads the prefix meanwhile; a
             # retry of this forced attempt finds no manifest and resumes it.
-            log.info("force: recomputing %s from scratch (removing its manifest, then its "
-                     "%d files)", uri, len(existing.get("files", {})))
+            log.info("force: recomputing %s (removing its manifest%s)", uri,
+                     ", then its files" if force_clears else "")
             store.delete(manifest_key(prefix))
-            removed = store.delete_prefix(prefix, keep=frozenset({lease_key(prefix)}))
-            log.info("force: removed %d files under %s", removed, uri)
-        elif not resume:
+            if force_clears:
+                removed = store.delete_prefix(prefix, keep=frozenset({lease_key(prefix)}))
+                log.info("force: removed %d files under %s", removed, uri)
+        if not resume and not (existing is not None and force_clears):
             stale = store.delete_prefix(prefix, keep=frozenset({lease_key(prefix)}))
             if stale:
                 log.warning("%s was incomplete (no manifest): removed %d leftover files",

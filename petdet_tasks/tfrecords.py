@@ -796,7 +796,8 @@ def gather(store: Store, p: Plan, cfg: TFRecordConfig, *, run_id: str | None = N
                 "repaired": c["repaired"], "quarantined": c["quarantined"]}
 
     return run_step(store, STEP, SCHEMA_VERSION, inputs=p.inputs, config=p.config, body=body,
-                    force=cfg.force, resume=True, fp=p.fingerprint, run_id=run_id)
+                    force=cfg.force, resume=True, force_clears=False, fp=p.fingerprint,
+                    run_id=run_id)
 
 
 # ---------------------------------------------------------------------------------------------

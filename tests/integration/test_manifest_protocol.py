@@ -285,3 +285,44 @@ def test_a_lease_of_a_live_or_unknown_process_is_waited_for(store, why):
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_forced_gather_keeps_the_shards_this_attempt_wrote_before_it(store):
+    """tfrecords and detection write their (forced) shards under the prefix before the gather
+    commits: a forced gather removes the old manifest but not those shards."""
+    prefix = step_prefix("download", fingerprint("download", 1, INPUTS, CONFIG))
+    _run(store, _body([], content=b"v1"), resume=True)
+    store.put_bytes(prefix + "data/shard-0", b"rewritten by this forced attempt")
+
+    def gather(w):
+        data, _ = store.get_bytes(prefix + "data/shard-0")
+        w.put_bytes("data/merged", data)
+        return {}
+
+    result = _run(store, gather, resume=True, force=True, force_clears=False)
+    assert not result.cache_hit
+    assert store.get_bytes(prefix + "data/merged")[0] == b"rewritten by this forced attempt"
+    _assert_consistent(store, result)
+
+
+def test_load_output_by_uri_or_store_relative_and_clear_permanent_errors(store):
+    from petdet_tasks.errors import ConfigError
+
+    result = _run(store, _body([]))
+    rel = step_prefix("download", result.fingerprint).rstrip("/")  # datasets/<fp>
+    for uri in (result.uri, result.uri + "/", rel, rel + "/"):
+        assert load_output(store, uri, expect_step="download").manifest == result.manifest
+    cases = {
+        result.uri: "is a 'download' output, expected a 'tfrecords' output",
+        "s3://elsewhere/root/" + rel: "is not under the store root",
+        "datasets": "is not a step output URI",
+        store.uri("datasets/deadbeef"): "invalid fingerprint",
+        store.uri("nothing/" + result.fingerprint): "folder 'nothing' is not one of",
+    }
+    for uri, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            load_output(store, uri, expect_step="tfrecords" if uri == result.uri else None)
+    # a well-formed output that is not (yet) there may still be on its way: retryable
+    with pytest.raises(StoreError) as missing:
+        load_output(store, "datasets/" + "0" * 20)
+    assert not isinstance(missing.value, ConfigError)
