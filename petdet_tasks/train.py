@@ -34,7 +34,7 @@ import shutil
 import time
 from pathlib import Path
 
-from petdet_tasks.errors import PermanentError
+from petdet_tasks.errors import ConfigError, PermanentError
 from petdet_tasks.layout import cache_root, fingerprint, step_prefix
 from petdet_tasks.manifest import StepResult, StepWriter, load_output, run_step
 from petdet_tasks.store import NotFound, Store, sha256_file
@@ -85,6 +85,7 @@ def preset_identity(store: Store, preset: str) -> str:
     """What identifies the starting weights in the fingerprint: a digest of a local directory's
     files or of a store prefix's listing; a preset name / Kaggle handle as given. The save time
     keras-hub writes into metadata.json is left out: re-saving the same preset is no change."""
+    preset = _in_store(store, preset)
     path = Path(preset).expanduser()
     if path.is_dir():
         h = hashlib.sha256()
@@ -104,26 +105,60 @@ def preset_identity(store: Store, preset: str) -> str:
             else:
                 listing.append((name, o.size, o.etag))
         if not listing:
-            raise FileNotFoundError(f"preset prefix {store.uri(rel)} is empty")
+            raise ConfigError(f"preset prefix {store.uri(rel)} is empty: nothing to start from")
         return "store:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     return "name:" + preset
 
 
+def _in_store(store: Store, preset: str) -> str:
+    """A path with a ``/`` that is no local directory (``presets/tiny``) names a prefix relative
+    to the store root, as ``--extra-data`` and detect's ``--images`` do: its URI."""
+    if ("://" in preset or preset.startswith(("/", ".", "~")) or "/" not in preset.strip("/")
+            or Path(preset).is_dir()):
+        return preset
+    return store.uri(preset.strip("/"))
+
+
 def _store_prefix(store: Store, preset: str) -> str | None:
+    """The store prefix a preset URI names; None for a keras-hub name or handle. A path that is
+    neither a local directory nor under the store is a ConfigError, not a keras-hub lookup."""
     root = store.root.rstrip("/") + "/"
     if preset.startswith(root):
         return preset[len(root):].rstrip("/") + "/"
-    if preset.startswith("s3://"):
-        raise ValueError(f"preset {preset} is not under the store root {store.root}")
-    return None
+    if "://" in preset:
+        if preset.split("://", 1)[0].lower() in ("s3", "file"):
+            raise ConfigError(f"preset {preset} is not under the store root {store.root}")
+        return None  # kaggle://, hf://, ...: keras-hub fetches it
+    if preset.startswith(("/", ".", "~")):
+        raise ConfigError(
+            f"preset {preset!r} is neither a local directory nor a prefix in the store "
+            f"{store.root}; give a directory holding a keras-hub preset, a store prefix, a "
+            "keras-hub preset name or a kaggle:// / hf:// handle")
+    return None  # a keras-hub preset name
+
+
+def _check_preset_name(preset: str) -> None:
+    """A bare name must be one of keras-hub's RetinaNet presets (handles are checked by the
+    download itself, whose failures may be worth a retry)."""
+    if "://" in preset:
+        return
+    import keras_hub
+
+    known = sorted(keras_hub.models.RetinaNetObjectDetector.presets)
+    if preset not in known:
+        raise ConfigError(
+            f"preset {preset!r} is not a keras-hub RetinaNet preset ({', '.join(known)}), a "
+            "local directory, a store prefix or a kaggle:// / hf:// handle")
 
 
 def resolve_preset(store: Store, preset: str, cache: Path) -> str:
     """A local directory (a store prefix is synced to the cache first) or the name/handle."""
+    preset = _in_store(store, preset)
     if Path(preset).expanduser().is_dir():
         return str(Path(preset).expanduser())
     rel = _store_prefix(store, preset)
     if rel is None:
+        _check_preset_name(preset)
         return preset  # keras-hub preset name or kaggle:// handle: keras-hub downloads it
     local = cache / "presets" / hashlib.sha256(store.uri(rel).encode()).hexdigest()[:16]
     for obj in store.list(rel):
@@ -362,13 +397,15 @@ def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: Trai
                                              + "label_map.pbtxt"))
     num_classes = len(labels)
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
-        raise ValueError(f"train config num_classes={cfg.num_classes} but the records' label "
-                         f"map has {num_classes} classes")
+        raise ConfigError(f"train config num_classes={cfg.num_classes} but the records' label "
+                          f"map has {num_classes} classes: drop num_classes (the records' label "
+                          "map decides) or build the records with the classes you want")
     work = cache / "training" / fp
     ckpt_dir = work / "ckpt"
     shutil.rmtree(work, ignore_errors=True)  # the store holds the truth; local is scratch
     ckpt_dir.mkdir(parents=True)
     keras.utils.set_random_seed(cfg.seed)
+    preset = resolve_preset(store, cfg.preset, cache)  # a wrong one fails before any staging
 
     strategy, mixed = _strategy_and_precision(cfg)
     replicas = strategy.num_replicas_in_sync
@@ -384,7 +421,6 @@ def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: Trai
     val_ds = make_dataset(val_paths, labels.ids, in_cfg, training=False)
 
     with strategy.scope():
-        preset = resolve_preset(store, cfg.preset, cache)
         detector = load_for_finetune(preset, num_classes, image_size=cfg.image_size,
                                      freeze_backbone=cfg.freeze_backbone)
         inner = _optimizer(cfg)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from petdet_tasks.errors import ConfigError
 from petdet_tasks.store import LocalStore
 from petdet_tasks.train import preset_identity, resolve_preset
 
@@ -51,8 +52,27 @@ def test_store_prefix_is_synced_to_the_cache(store, tmp_path, as_uri):
     assert ident.startswith("store:" if store.remote else "dir:")
     store.put_bytes("presets/coco-ish/model.weights.h5", b"retrained")
     assert preset_identity(store, ref) != ident
-    with pytest.raises(FileNotFoundError, match="empty"):
+    with pytest.raises(ConfigError, match="empty"):
         preset_identity(store, store.uri("presets/nothing-here"))
+    # relative to the store root, like --extra-data and detect's --images
+    assert resolve_preset(store, "presets/coco-ish", tmp_path / "cache2") != "presets/coco-ish"
+    assert preset_identity(store, "presets/coco-ish") == preset_identity(store, ref)
+
+
+def test_a_preset_that_names_nothing_is_a_config_error(tmp_path):
+    """Not handed to keras-hub to fail with 'Unknown preset identifier' after the data is
+    staged, and not retried: a retry cannot make it exist."""
+    store = LocalStore(tmp_path / "store")
+    for preset, message in (
+            ("presets/absent", "(is empty|neither a local directory nor a prefix)"),
+            (str(tmp_path / "no-such-dir"), "neither a local directory nor a prefix"),
+            ("./tiny", "neither a local directory nor a prefix"),
+            ("s3://another-bucket/presets/x", "not under the store root"),
+            ("retinanet_resnet50_fpn_cocoo", "not a keras-hub RetinaNet preset "
+             r"\(retinanet_resnet50_fpn_coco, ")):
+        with pytest.raises(ConfigError, match=message):
+            preset_identity(store, preset)
+            resolve_preset(store, preset, tmp_path / "cache")
 
 
 def _metadata(saved: str, params: int = 1234) -> bytes:
