@@ -105,6 +105,25 @@ def _cmd_config_from_pipeline(args) -> int:
     return main_from_pipeline(args.pipeline_config, args.out)
 
 
+def _cmd_make_preset(args) -> dict:
+    from petdet_tasks.detector import make_preset
+
+    path = make_preset(args.out_dir, num_classes=args.num_classes, image_size=args.image_size,
+                       arch=args.arch, train_steps=args.train_steps, seed=args.seed)
+    return {"preset": str(path.resolve()), "arch": args.arch, "num_classes": args.num_classes,
+            "image_size": args.image_size}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _cmd_seaweedfs(args) -> int:
     from petdet_tasks.seaweed import serve_forever
 
@@ -141,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--store", required=True, help="s3://bucket/prefix or a local directory")
     t.add_argument("--dataset", required=True, help="the download step's output URI")
     t.add_argument("--shards", type=int, default=10, help="shards per split")
-    t.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    t.add_argument("--workers", type=_positive_int, default=None,
+                   help="processes (default: CPU count)")
     t.add_argument("--val-fraction", type=float, default=0.3)
     t.add_argument("--check", choices=["header", "full"], default="header",
                    help="image check: header + end marker (cheap) or a full decode")
@@ -223,6 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("pipeline_config")
     fp.add_argument("--out", default=None, help="output JSON file (default: stdout)")
     fp.set_defaults(func=_cmd_config_from_pipeline)
+
+    m = sub.add_parser("make-preset",
+                       help="a small RetinaNet preset made offline, to start training from "
+                       "(no download; for trying the steps, not for a real model)")
+    m.add_argument("out_dir")
+    m.add_argument("--arch", choices=["tiny", "resnet18", "resnet50"], default="tiny")
+    m.add_argument("--num-classes", type=_positive_int, default=5,
+                   help="its class head (training swaps it for the records' label map)")
+    m.add_argument("--image-size", type=_positive_int, default=128)
+    m.add_argument("--train-steps", type=int, default=2,
+                   help="steps on random boxes, so its weights are not the initial ones")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=_cmd_make_preset)
 
     w = sub.add_parser("seaweedfs", help="run a local SeaweedFS S3 server (127.0.0.1)")
     w.add_argument("--dir", required=True, help="data directory (kept across restarts)")

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from petdet_tasks.errors import ConfigError
-from petdet_tasks.layout import cache_root, fingerprint, step_prefix
+from petdet_tasks.layout import PRODUCTION_POINTER, cache_root, fingerprint, step_prefix
 from petdet_tasks.manifest import StepResult, StepWriter, load_output, run_step
 from petdet_tasks.store import Store
 
@@ -62,6 +62,11 @@ def evaluate(store: Store, model_uri: str, tfrecords_uri: str, cfg: EvalConfig |
     cfg = (cfg or EvalConfig()).validate()
     model = load_output(store, model_uri, expect_step="export")
     records = load_output(store, tfrecords_uri, expect_step="tfrecords")
+    splits = sorted({rel.split("-", 1)[0] for rel in records.manifest.get("files", {})
+                     if rel.endswith(".tfrecord")})
+    if cfg.split not in splits:  # before minutes of model loading, and never retried
+        raise ConfigError(f"{records.uri} has no {cfg.split!r} shards: its splits are "
+                          + ", ".join(repr(x) for x in splits))
     inputs = {"model": model.fingerprint, "tfrecords": records.fingerprint}
     fp = fingerprint(STEP, SCHEMA_VERSION, inputs, cfg.fingerprint_fields())
     cache = cache_root(cache_dir)
@@ -110,7 +115,7 @@ def _evaluate_body(store: Store, writer: StepWriter, model: StepResult, records:
     record_labels = load_records_label_map(store, records.uri)
     unknown = sorted(set(record_labels.ids) - set(labels.ids))
     if unknown:
-        raise ValueError(f"the records {records.uri} use label ids {unknown} that the model "
+        raise ConfigError(f"the records {records.uri} use label ids {unknown} that the model "
                          f"{model.uri} does not know (its ids: {labels.ids})")
     paths = stage_shards(store, records.uri, cfg.split, cache / "tfrecords")
     import tensorflow as tf
@@ -191,7 +196,12 @@ def promote_evaluated(store: Store, evaluation_uri: str, *, metric: str = "mAP",
     store.put_bytes(key, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(),
                     if_absent=True)
     log.info("%s (decision recorded at %s)", decision.reason, store.uri(key))
-    return {"promoted": decision.promoted, "reason": decision.reason, "metric": metric,
+    # the step-command contract (uri, fingerprint, cache_hit): the registry pointer, the model
+    # decided on, and whether the registry was left as it was (this model already production)
+    return {"uri": store.uri(PRODUCTION_POINTER),
+            "fingerprint": result.manifest["inputs"]["model"],
+            "cache_hit": decision.production_model == decision.candidate_model,
+            "promoted": decision.promoted, "reason": decision.reason, "metric": metric,
             "candidate": decision.candidate, "production": decision.production,
             "margin": margin, "model_uri": decision.candidate_model,
             "production_model": decision.production_model, "decision_uri": store.uri(key)}

@@ -42,6 +42,7 @@ from PIL import Image, ImageDraw
 
 from petdet_tasks.breeds import BREEDS, CAT, breed_id, class_id, species
 from petdet_tasks.defaults import SAMPLE_BREEDS, SAMPLE_PER_BREED, SAMPLE_SEED
+from petdet_tasks.errors import ConfigError
 
 DEFAULT_BREEDS = SAMPLE_BREEDS
 DEFAULT_PER_BREED = SAMPLE_PER_BREED
@@ -122,14 +123,15 @@ def _validate(breeds: int, per_breed: int, seed: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {value!r}")
     if not 1 <= breeds <= len(BREEDS):
-        raise ValueError(f"breeds must be between 1 and {len(BREEDS)}, got {breeds}")
+        raise ConfigError(f"breeds must be between 1 and {len(BREEDS)}, got {breeds}")
     if per_breed < 2:
-        raise ValueError(f"per_breed must be at least 2 (one trainval + one test), got {per_breed}")
+        raise ConfigError(
+            f"per_breed must be at least 2 (one trainval + one test), got {per_breed}")
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise ConfigError(f"seed must be >= 0, got {seed}")
     trainval = breeds * _trainval_per_breed(per_breed)
     if trainval < len(DEFECT_KINDS):
-        raise ValueError(
+        raise ConfigError(
             f"breeds={breeds} x per_breed={per_breed} gives only {trainval} trainval images, "
             f"but each of the {len(DEFECT_KINDS)} defects ({', '.join(DEFECT_KINDS)}) needs its "
             f"own trainval image: need breeds * ceil(per_breed / 2) >= {len(DEFECT_KINDS)} "

@@ -174,7 +174,12 @@ class SeaweedServer:
 
 
 def serve_forever(data_dir: str, bucket: str = "petdet") -> int:
-    """CLI: run a server until Ctrl+C. Its credentials go to a 0600 env file, never stdout."""
+    """CLI: run a server until Ctrl+C or SIGTERM (both stop weed too, so that nothing keeps
+    its ports and data directory). Its credentials go to a 0600 env file, never stdout."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     server = SeaweedServer(Path(data_dir), bucket=bucket)
     with server:
         env_file = server.data_dir.parent / (server.data_dir.name + "-env.sh")

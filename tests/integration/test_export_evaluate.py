@@ -294,6 +294,11 @@ def test_evaluation_measures_the_served_model_and_is_cached(trained, exported):
                         cache_dir=trained.work / "cache")
     assert on_train.fingerprint != ev.fingerprint
     assert on_train.outputs["images"] == val["splits"]["train"]["examples"]
+    from petdet_tasks.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="has no 'vall' shards: its splits are 'train', 'val'"):
+        evaluate(store, result.uri, trained.records.uri, EvalConfig(split="vall"),
+                 cache_dir=trained.work / "cache")
 
 
 def test_promotion_after_evaluation_records_the_decision(trained, exported):
@@ -301,6 +306,9 @@ def test_promotion_after_evaluation_records_the_decision(trained, exported):
     store = trained.store
     ev = evaluate(store, result.uri, trained.records.uri, cache_dir=trained.work / "cache")
     first = promote_evaluated(store, ev.uri, metric="mAP@.5", run_id="manual__1")
+    # the step-command contract: uri (the registry pointer), fingerprint (the model), cache_hit
+    assert first["uri"] == store.uri(PRODUCTION_POINTER) and not first["cache_hit"]
+    assert first["fingerprint"] == result.fingerprint
     pointer, _ = read_production(store)
     assert first["promoted"] and pointer["model_uri"] == result.uri
     assert pointer["evaluation_uri"] == ev.uri and pointer["metric"] == "mAP@.5"
@@ -312,6 +320,7 @@ def test_promotion_after_evaluation_records_the_decision(trained, exported):
     _, etag = store.get_bytes(PRODUCTION_POINTER)
     second = promote_evaluated(store, ev.uri, metric="mAP@.5", run_id="manual__1")
     assert second["promoted"] and "already in production" in second["reason"]
+    assert second["cache_hit"] and second["fingerprint"] == result.fingerprint
     assert store.get_bytes(PRODUCTION_POINTER)[1] == etag
     # the committed evaluation is untouched: its manifest still verifies
     assert read_manifest(store, step_prefix("evaluate", ev.fingerprint)) == ev.manifest

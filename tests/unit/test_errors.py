@@ -81,4 +81,36 @@ def test_cli_exits_2_on_a_permanent_error_1_otherwise(tmp_path, caplog):
     assert main(["tfrecords", "--store", store, "--dataset", "datasets/x",
                  "--val-fraction", "1.5"]) == 2
     assert "val_fraction must be in (0, 1)" in caplog.text
-    assert main(["tfrecords", "--store", store, "--dataset", "datasets/0123456789"]) == 1
+    # a well-formed output that is not there (yet): maybe still being written, so 1
+    assert main(["tfrecords", "--store", store, "--dataset", "datasets/" + "0" * 20]) == 1
+    assert "has no _MANIFEST.json" in caplog.text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "datasets/0123456789"], "invalid fingerprint"),
+    (["--dataset", "models/" + "0" * 20], "is a 'export' output, expected a 'download' output"),
+    (["--dataset", "s3://elsewhere/p/datasets/" + "0" * 20], "is not under the store root"),
+])
+def test_cli_exits_2_for_an_output_uri_that_cannot_be_right(tmp_path, caplog, args, message):
+    assert main(["tfrecords", "--store", str(tmp_path / "store"), *args]) == 2
+    assert message in caplog.text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tfrecords", "--store", "s", "--dataset", "d", "--workers", "0"], "must be at least 1"),
+    (["tfrecords", "--store", "s", "--dataset", "d", "--workers", "-3"], "must be at least 1"),
+    (["make-preset", "out", "--num-classes", "0"], "must be at least 1"),
+    (["sample-data", "out", "--breeds", "38"], None),
+])
+def test_cli_usage_and_argument_errors_exit_2(tmp_path, capsys, caplog, argv, message):
+    argv = [a if a != "out" else str(tmp_path / "out") for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    assert code == 2
+    if message:
+        assert message in capsys.readouterr().err
+    else:
+        assert "breeds must be between 1 and 37" in caplog.text
+
