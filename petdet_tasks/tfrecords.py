@@ -725,8 +725,11 @@ def _merge(reports: list[dict], skipped: dict[str, list],
     }
 
 
-def quality_gate(report: dict, labels: LabelMap, cfg: TFRecordConfig) -> LabelMap:
-    """Raise :class:`DataQualityError` on a bad dataset; return the label map to write."""
+def quality_gate(report: dict, labels: LabelMap, cfg: TFRecordConfig,
+                 parts_uri: str | None = None) -> LabelMap:
+    """Raise :class:`DataQualityError` on a bad dataset; return the label map to write.
+    ``parts_uri``: where the shard reports listing each image are (named in the message, since
+    a failed gate writes no data_report.json)."""
     labelled = report["written"] + len(report["quarantined"])
     quarantined = len(report["quarantined"])
     if labelled == 0:
@@ -735,10 +738,15 @@ def quality_gate(report: dict, labels: LabelMap, cfg: TFRecordConfig) -> LabelMa
     frac = quarantined / labelled
     if frac > cfg.max_quarantine_fraction:
         reasons = Counter(q["reason"].split(":")[0] for q in report["quarantined"])
+        first = "; ".join(f"{q['name']}: {q['reason']}" for q in report["quarantined"][:5])
+        more = f" (+{quarantined - 5} more)" if quarantined > 5 else ""
+        where = (f"every one is listed with its reason in the shard reports {parts_uri}"
+                 "<split>-NNNNN.json" if parts_uri else "the shard reports list every one")
         raise DataQualityError(
             f"{quarantined} of {labelled} labelled images were quarantined ({frac:.1%}), more "
             f"than max_quarantine_fraction={cfg.max_quarantine_fraction:.1%}; reasons: "
-            f"{dict(reasons)}; see data_report.json in the shard parts")
+            f"{dict(reasons)}: {first}{more}; {where}. Fix or remove those images, or raise "
+            "max_quarantine_fraction (--max-quarantine) if that share is acceptable")
     for split in SPLITS:
         if report["splits"][split]["examples"] == 0:
             raise DataQualityError(f"the {split} split is empty "
@@ -779,7 +787,7 @@ def gather(store: Store, p: Plan, cfg: TFRecordConfig, *, run_id: str | None = N
             raise StoreError(f"{len(missing)} shards of {p.uri} are not written yet: "
                              f"{', '.join(missing[:5])}; run the shard tasks first")
         merged = _merge(reports, p.skipped, p.noted)
-        written_labels = quality_gate(merged, labels, cfg)
+        written_labels = quality_gate(merged, labels, cfg, parts_uri=store.uri(p.prefix + PARTS))
         merged["label_map"] = written_labels.to_json()
         writer.put_bytes("label_map.pbtxt", written_labels.to_pbtxt().encode())
         # strict JSON: a NaN or Infinity literal would make the report unreadable elsewhere

@@ -168,13 +168,19 @@ def test_gather_refuses_missing_shards(store, dataset):
 
 
 def test_quality_gate_failures_commit_nothing(store, dataset):
-    uri, _ = dataset
+    uri, summary = dataset
     with pytest.raises(DataQualityError, match="have no training example"):
         build(store, uri, TFRecordConfig(num_shards=2, classes="all",
                                          max_quarantine_fraction=0.05), workers=1)
-    with pytest.raises(DataQualityError, match=r"quarantined \(.*%\), more than"):
+    with pytest.raises(DataQualityError, match=r"quarantined \(.*%\), more than") as gate:
         build(store, uri, TFRecordConfig(num_shards=2, classes="present",
                                          max_quarantine_fraction=0.0), workers=1)
+    # the message names the image, its reason and where the per-image lists are (a failed
+    # gate writes no data_report.json), and what to change
+    truncated = next(n for n, kind in summary["defects"].items() if kind == "truncated_jpeg")
+    assert f"{truncated}: truncated" in str(gate.value)
+    assert store.uri("tfrecords/") in str(gate.value) and "/_parts/" in str(gate.value)
+    assert "--max-quarantine" in str(gate.value)
     assert [o.key for o in store.list("tfrecords/") if o.key.endswith("_MANIFEST.json")] == []
 
 
