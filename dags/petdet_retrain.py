@@ -292,6 +292,7 @@ with DAG(
             "max_boxes": "{{ params.detection_max_boxes }}",
             "num_shards": "{{ params.detect_shards }}",
         },
+        "force": "{{ params.force }}",
         **store_args,
     }
     detect_plan = DetectPlanOperator(

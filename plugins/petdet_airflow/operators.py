@@ -362,17 +362,22 @@ class _DetectOperator(PetdetOperator):
         of the dataset the model was trained on. (templated)
     :param config: :class:`petdet_tasks.detect.DetectConfig` fields (``score_threshold``,
         ``max_boxes``, ``batch_size``, ``num_shards``, ``thumbnail_size``). (templated)
+    :param force: recompute even if the output is complete: the plan is no cache hit, every
+        shard is detected again and the gather rewrites the output. (templated)
     """
 
-    template_fields = (*PetdetOperator.template_fields, "model_uri", "images", "config")
+    template_fields = (*PetdetOperator.template_fields, "model_uri", "images", "config",
+                       "force")
     template_fields_renderers = {"config": "json"}
 
     def __init__(self, *, model_uri: str | None = None, images: str | None = None,
-                 config: dict | None = None, **kwargs: Any) -> None:
+                 config: dict | None = None, force: bool | str = False,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.model_uri = model_uri
         self.images = images
         self.config = config or {}
+        self.force = force
 
     def _plan(self):
         from petdet_tasks.detect import DetectConfig, plan
@@ -380,7 +385,8 @@ class _DetectOperator(PetdetOperator):
         cfg = DetectConfig.from_dict(_drop_empty(dict(self.config)))
         store = self.get_store()
         model = _none_if_empty(self.model_uri)
-        return store, cfg, plan(store, model, _none_if_empty(self.images), cfg)
+        return store, cfg, plan(store, model, _none_if_empty(self.images), cfg,
+                                force=_as_bool(self.force))
 
 
 def _none_if_empty(value: Any) -> str | None:

@@ -145,6 +145,22 @@ def test_download_task_is_templated(dag):
     assert task.source == "{{ params.source }}"
 
 
+def test_force_reaches_every_task(dag):
+    """``force`` recomputes every step: each task takes it from the param (the detection tasks
+    too; tests/dags/test_dag_run.py runs a forced detection)."""
+    for task in dag.tasks:
+        if task.task_id == "promote":
+            continue  # promote decides on the evaluation; it has nothing to recompute
+        kwargs = task.partial_kwargs if task.is_mapped else vars(task)
+        if task.task_id.startswith("tfrecords"):  # part of the TFRecordConfig they share
+            assert "config" in task.template_fields
+            value = kwargs["config"]["force"]
+        else:
+            assert "force" in task.template_fields, task.task_id
+            value = kwargs["force"]
+        assert value == "{{ params.force }}", task.task_id
+
+
 def test_detection_reads_the_production_model_unless_asked_for_the_candidate(dag):
     task = dag.get_task("detect_plan")
     assert "params.detect_with == 'candidate'" in task.model_uri

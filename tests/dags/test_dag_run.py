@@ -166,6 +166,24 @@ def test_dag_test_runs_the_pipeline_into_s3_then_hits_the_cache(airflow_db, seaw
         assert decision3["reason"].startswith("not promoted")
         assert json.loads(store.read_text("registry/production.json")) == pointer
 
+    # force reaches detection: the detection tasks alone, forced, on the same production model
+    # and images recompute the same output (no cache hit) and commit it again
+    detection = dag.partial_subset(task_ids=["detect_plan", "detect_shards", "detect_gather"],
+                                   include_upstream=False)
+    assert sorted(detection.task_ids) == ["detect_gather", "detect_plan", "detect_shards"]
+    run4 = detection.test(run_conf={**conf, "force": True})
+    assert run4.state == "success"
+    planned4 = _xcom(run4, "detect_plan", key="plan")
+    assert planned4["cache_hit"] is False and planned4["model_uri"] == model["uri"]
+    assert planned4["fingerprint"] == detected["fingerprint"]
+    shards4 = _mapped_xcoms(run4, "detect_shards", 2)
+    assert [x["cache_hit"] for x in shards4] == [False] * 2
+    assert sum(x["images"] for x in shards4) == summary["test"]  # every image detected again
+    detected4 = _xcom(run4, "detect_gather")
+    assert detected4["cache_hit"] is False
+    assert detected4["fingerprint"] == detected["fingerprint"]
+    assert read_manifest(store, prefix)["writer"]["run_id"] == run4.run_id
+
     # the secret never reaches a log line or XCom
     captured = capfd.readouterr()
     logs = captured.out + captured.err + "\n".join(r.getMessage() for r in caplog.records)
