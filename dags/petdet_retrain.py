@@ -221,10 +221,14 @@ with DAG(
         execution_timeout=timedelta(minutes=10),
         **store_args,
     )
+    # the shards and the gather run the plan the plan task recorded (not a plan of their own:
+    # the extra-data prefix may gain images meanwhile)
+    planned_records = "{{ ti.xcom_pull(task_ids='tfrecords_plan', key='plan')['fingerprint'] }}"
     shards = TFRecordsShardsOperator.partial(
         task_id="tfrecords_shards",
         dataset_uri=dataset_uri,
         config=tfrecord_config,
+        plan_fingerprint=planned_records,
         execution_timeout=timedelta(hours=1),
         **store_args,
     ).expand(units=plan.output)
@@ -232,6 +236,7 @@ with DAG(
         task_id="tfrecords_gather",
         dataset_uri=dataset_uri,
         config=tfrecord_config,
+        plan_fingerprint=planned_records,
         execution_timeout=timedelta(minutes=15),
         **store_args,
     )
@@ -303,7 +308,10 @@ with DAG(
     )
     # the shards and the gather run the model the plan chose, even if production changes
     planned = {**detect_args,
-               "model_uri": "{{ ti.xcom_pull(task_ids='detect_plan', key='plan')['model_uri'] }}"}
+               "model_uri": "{{ ti.xcom_pull(task_ids='detect_plan', key='plan')['model_uri'] }}",
+               # ... and its recorded listing, not a new one (the input prefix may gain images)
+               "plan_fingerprint":
+                   "{{ ti.xcom_pull(task_ids='detect_plan', key='plan')['fingerprint'] }}"}
     detect_shards = DetectShardsOperator.partial(
         task_id="detect_shards",
         execution_timeout=timedelta(hours=2),

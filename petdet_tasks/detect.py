@@ -97,8 +97,22 @@ from urllib.parse import quote
 from petdet_tasks import annotate
 from petdet_tasks.errors import ConfigError
 from petdet_tasks.label_map import LabelMap, parse_label_map
-from petdet_tasks.layout import PRODUCTION_POINTER, fingerprint, split_output_uri, step_prefix
-from petdet_tasks.manifest import StepResult, StepWriter, load_output, read_manifest, run_step
+from petdet_tasks.layout import (
+    PLAN,
+    PRODUCTION_POINTER,
+    fingerprint,
+    split_output_uri,
+    step_prefix,
+)
+from petdet_tasks.manifest import (
+    StepResult,
+    StepWriter,
+    load_output,
+    read_manifest,
+    read_plan_record,
+    run_step,
+    save_plan_record,
+)
 from petdet_tasks.registry import read_production
 from petdet_tasks.store import FileEntry, NotFound, Store, StoreError
 
@@ -106,6 +120,7 @@ log = logging.getLogger(__name__)
 
 STEP = "detect"
 SCHEMA_VERSION = 1
+PLAN_FILE = PLAN
 PARTS = "_parts/"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 PAGE_SIZE = 500  # gallery cards per HTML page
@@ -454,6 +469,38 @@ def plan(store: Store, model_uri: str | None, images: str | None, cfg: DetectCon
     return DetectPlan(store.uri(prefix.rstrip("/")), fp, prefix, cache_hit, model.uri,
                       model.fingerprint, items, list(range(cfg.num_shards)), what, config,
                       inputs, force)
+
+
+def save_plan(store: Store, p: DetectPlan) -> str:
+    """Record the plan (its listing, model and config) for the shard tasks and the gather
+    (:func:`petdet_tasks.manifest.save_plan_record`); returns its key. A cache hit needs
+    none (nothing will run)."""
+    return save_plan_record(store, p.prefix, {
+        "schema": 1, "fingerprint": p.fingerprint, "model_uri": p.model_uri,
+        "model_fingerprint": p.model_fingerprint, "images": p.images, "config": p.config,
+        "inputs": p.inputs, "units": p.units, "items": [list(it) for it in p.items]})
+
+
+def load_plan(store: Store, fp: str, *, force: bool = False) -> DetectPlan:
+    """The plan :func:`save_plan` recorded for the output ``detections/<fp>``; for a complete
+    output without one (a cache hit, or made by the CLI), the plan its manifest describes."""
+    doc, manifest, cache_hit = read_plan_record(store, STEP, fp, force=force)
+    prefix = step_prefix(STEP, fp)
+    uri = store.uri(prefix.rstrip("/"))
+    if doc is None:
+        return DetectPlan(uri, fp, prefix, True, manifest["outputs"]["model_uri"],
+                          manifest["outputs"]["model_fingerprint"], [],
+                          list(range(int(manifest["detect_config"]["num_shards"]))),
+                          manifest.get("input", ""), manifest["config"], manifest["inputs"],
+                          force)
+    items = [Item(*it) for it in doc["items"]]
+    if (listing_digest(items) != doc["inputs"].get("images")
+            or fingerprint(STEP, SCHEMA_VERSION, doc["inputs"], doc["config"]) != fp):
+        raise StoreError(f"{store.uri(prefix + PLAN_FILE)} does not describe {uri}: "
+                         "run the plan task again")
+    return DetectPlan(uri, fp, prefix, cache_hit, doc["model_uri"], doc["model_fingerprint"],
+                      items, [int(u) for u in doc["units"]], doc["images"], doc["config"],
+                      doc["inputs"], force)
 
 
 def _check_config(p: DetectPlan, cfg: DetectConfig) -> None:
@@ -946,6 +993,11 @@ def gather(store: Store, p: DetectPlan, cfg: DetectConfig, *, run_id: str | None
             for rel, e in report["files"].items():
                 writer.register(rel, FileEntry(e["size"], e["sha256"]))
             writer.register(key[len(p.prefix):], FileEntry(len(data), _sha256(data)))
+        try:  # the listing the Airflow plan task recorded: part of what was committed
+            data = store.get_bytes(p.prefix + PLAN_FILE)[0]
+            writer.register(PLAN_FILE, FileEntry(len(data), _sha256(data)))
+        except NotFound:
+            pass  # planned in this process (the CLI)
         if missing:
             raise StoreError(f"{len(missing)} of {len(p.units)} shards of {p.uri} are not "
                              f"written yet (shards {missing[:10]}); run the shard tasks first")

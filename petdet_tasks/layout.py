@@ -24,6 +24,7 @@ from petdet_tasks.errors import ConfigError
 
 MANIFEST = "_MANIFEST.json"
 LEASE = "_LEASE.json"
+PLAN = "_plan.json"  # a sharded step's plan, recorded for its shard and gather tasks
 PRODUCTION_POINTER = "registry/production.json"
 FINGERPRINT_LEN = 20  # hex chars (80 bits)
 

@@ -39,6 +39,7 @@ from typing import Any
 from petdet_tasks import __version__
 from petdet_tasks.errors import ConfigError
 from petdet_tasks.layout import (
+    PLAN,
     canonical_json,
     fingerprint,
     lease_key,
@@ -286,6 +287,32 @@ class _Lease:
             self._thread.join()
         if not self.lost.is_set() and self.still_held():
             self.store.delete(self.key)
+
+
+def save_plan_record(store: Store, prefix: str, doc: dict) -> str:
+    """Record a sharded step's plan under its prefix (``_plan.json``), for its shard tasks and
+    gather to run exactly that plan rather than planning again (inputs that can change, such
+    as a prefix gaining images, would give them another fingerprint). Returns the key."""
+    key = prefix + PLAN
+    store.put_bytes(key, json.dumps(doc, sort_keys=True, allow_nan=False).encode())
+    return key
+
+
+def read_plan_record(store: Store, step: str, fp: str, *, force: bool = False
+                     ) -> tuple[dict | None, dict | None, bool]:
+    """(the plan recorded for ``step``'s output ``fp`` or None, its manifest or None, whether
+    it is a cache hit). A StoreError (retryable) when there is neither a recorded plan nor a
+    complete output to describe it: the plan task has not run yet."""
+    prefix = step_prefix(step, fp)
+    manifest = read_manifest(store, prefix)
+    cache_hit = not force and manifest is not None
+    try:
+        return json.loads(store.get_bytes(prefix + PLAN)[0]), manifest, cache_hit
+    except NotFound:
+        if cache_hit:
+            return None, manifest, True
+        raise StoreError(f"{store.uri(prefix.rstrip('/'))} has no {PLAN}: the plan task "
+                         "records it; run it first") from None
 
 
 def read_manifest(store: Store, prefix: str) -> dict | None:

@@ -49,8 +49,16 @@ from petdet_tasks.breeds import BREEDS, breed_id, breed_of, class_id, species
 from petdet_tasks.errors import ConfigError, PermanentError
 from petdet_tasks.images import CHECK_MODES, check_image
 from petdet_tasks.label_map import LabelMap, load_label_map, pets_label_map
-from petdet_tasks.layout import fingerprint, step_prefix
-from petdet_tasks.manifest import StepResult, StepWriter, load_output, read_manifest, run_step
+from petdet_tasks.layout import PLAN, fingerprint, step_prefix
+from petdet_tasks.manifest import (
+    StepResult,
+    StepWriter,
+    load_output,
+    read_manifest,
+    read_plan_record,
+    run_step,
+    save_plan_record,
+)
 from petdet_tasks.store import (
     FileEntry,
     NotFound,
@@ -69,6 +77,7 @@ STEP = "tfrecords"
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val")
 PARTS = "_parts/"
+PLAN_FILE = PLAN
 HIST_BINS = 10
 
 
@@ -396,6 +405,34 @@ def plan(store: Store, dataset_uri: str, cfg: TFRecordConfig) -> Plan:
     units = [(s, i) for s in SPLITS for i in range(cfg.num_shards)]
     return Plan(fp, store.uri(prefix.rstrip("/")), prefix, cache_hit, units, examples, skipped,
                 config, inputs, noted)
+
+
+def save_plan(store: Store, p: Plan) -> str:
+    """Record the plan (every example's split and shard, what was skipped, the inputs) for
+    Airflow's shard tasks and gather (:func:`petdet_tasks.manifest.save_plan_record`: the
+    extra-data prefix may gain images meanwhile); returns its key. A cache hit needs none."""
+    return save_plan_record(store, p.prefix, {
+        "schema": 1, "fingerprint": p.fingerprint, "units": [list(u) for u in p.units],
+        "examples": [list(e) for e in p.examples], "skipped": p.skipped, "noted": p.noted,
+        "config": p.config, "inputs": p.inputs})
+
+
+def load_plan(store: Store, fp: str, *, force: bool = False) -> Plan:
+    """The plan :func:`save_plan` recorded for ``tfrecords/<fp>``; for a complete output
+    without one (a cache hit, or built by the CLI), the plan its manifest describes."""
+    doc, manifest, cache_hit = read_plan_record(store, STEP, fp, force=force)
+    prefix = step_prefix(STEP, fp)
+    uri = store.uri(prefix.rstrip("/"))
+    if doc is None:
+        units = [(s, i) for s in SPLITS for i in range(int(manifest["config"]["num_shards"]))]
+        return Plan(fp, uri, prefix, True, units, [], {}, manifest["config"],
+                    manifest["inputs"], {})
+    if fingerprint(STEP, SCHEMA_VERSION, doc["inputs"], doc["config"]) != fp:
+        raise StoreError(f"{store.uri(prefix + PLAN_FILE)} does not describe {uri}: run the "
+                         "plan task again")
+    return Plan(fp, uri, prefix, cache_hit, [(s, int(i)) for s, i in doc["units"]],
+                [Example(*e) for e in doc["examples"]], doc["skipped"], doc["config"],
+                doc["inputs"], doc["noted"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -786,6 +823,11 @@ def gather(store: Store, p: Plan, cfg: TFRecordConfig, *, run_id: str | None = N
         if missing:
             raise StoreError(f"{len(missing)} shards of {p.uri} are not written yet: "
                              f"{', '.join(missing[:5])}; run the shard tasks first")
+        try:  # the plan the Airflow plan task recorded: part of what was committed
+            data = store.get_bytes(p.prefix + PLAN_FILE)[0]
+            writer.register(PLAN_FILE, FileEntry(len(data), hashlib.sha256(data).hexdigest()))
+        except NotFound:
+            pass  # planned in this process (the CLI)
         merged = _merge(reports, p.skipped, p.noted)
         written_labels = quality_gate(merged, labels, cfg, parts_uri=store.uri(p.prefix + PARTS))
         merged["label_map"] = written_labels.to_json()

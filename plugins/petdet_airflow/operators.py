@@ -112,21 +112,31 @@ class _TFRecordsOperator(PetdetOperator):
     :param config: :class:`petdet_tasks.tfrecords.TFRecordConfig` fields (``num_shards``,
         ``val_fraction``, ``check``, ``max_quarantine_fraction``, ``classes``, ``label_map``,
         ``extra_data``, ``force``); values may be templates. (templated)
+    :param plan_fingerprint: for the shard and gather tasks, the plan task's fingerprint (its
+        XCom ``plan``): they run the plan it recorded instead of planning again, so that
+        images arriving in the extra-data prefix meanwhile cannot give them another
+        fingerprint. Empty: plan here (the inputs must not change in between). (templated)
     """
 
-    template_fields = (*PetdetOperator.template_fields, "dataset_uri", "config")
+    template_fields = (*PetdetOperator.template_fields, "dataset_uri", "config",
+                       "plan_fingerprint")
     template_fields_renderers = {"config": "json"}
 
-    def __init__(self, *, dataset_uri: str, config: dict | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, dataset_uri: str, config: dict | None = None,
+                 plan_fingerprint: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.dataset_uri = dataset_uri
         self.config = config or {}
+        self.plan_fingerprint = plan_fingerprint
 
     def _plan(self):
-        from petdet_tasks.tfrecords import TFRecordConfig, plan
+        from petdet_tasks.tfrecords import TFRecordConfig, load_plan, plan
 
         cfg = TFRecordConfig.from_dict(dict(self.config))
         store = self.get_store()
+        recorded = _none_if_empty(self.plan_fingerprint)
+        if recorded is not None:
+            return store, cfg, load_plan(store, recorded, force=cfg.force)
         return store, cfg, plan(store, str(self.dataset_uri), cfg)
 
 
@@ -145,7 +155,11 @@ class TFRecordsPlanOperator(_TFRecordsOperator):
         self.shard_tasks = shard_tasks
 
     def execute_step(self, context) -> list:
-        _, _, p = self._plan()
+        from petdet_tasks.tfrecords import save_plan
+
+        store, _, p = self._plan()
+        if not p.cache_hit:  # the shard tasks and the gather run this very plan
+            self.log.info("plan recorded at %s", store.uri(save_plan(store, p)))
         groups = p.groups(int(self.shard_tasks))
         context["ti"].xcom_push(key="plan", value={
             "uri": p.uri, "fingerprint": p.fingerprint, "cache_hit": p.cache_hit,
@@ -364,26 +378,34 @@ class _DetectOperator(PetdetOperator):
         ``max_boxes``, ``batch_size``, ``num_shards``, ``thumbnail_size``). (templated)
     :param force: recompute even if the output is complete: the plan is no cache hit, every
         shard is detected again and the gather rewrites the output. (templated)
+    :param plan_fingerprint: for the shard and gather tasks, the plan task's fingerprint (its
+        XCom ``plan``): they run the listing it recorded instead of listing again, so that
+        images arriving in the input prefix meanwhile cannot give them another fingerprint.
+        Empty: plan here (the listing must not change in between). (templated)
     """
 
     template_fields = (*PetdetOperator.template_fields, "model_uri", "images", "config",
-                       "force")
+                       "force", "plan_fingerprint")
     template_fields_renderers = {"config": "json"}
 
     def __init__(self, *, model_uri: str | None = None, images: str | None = None,
                  config: dict | None = None, force: bool | str = False,
-                 **kwargs: Any) -> None:
+                 plan_fingerprint: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.model_uri = model_uri
         self.images = images
         self.config = config or {}
         self.force = force
+        self.plan_fingerprint = plan_fingerprint
 
     def _plan(self):
-        from petdet_tasks.detect import DetectConfig, plan
+        from petdet_tasks.detect import DetectConfig, load_plan, plan
 
         cfg = DetectConfig.from_dict(_drop_empty(dict(self.config)))
         store = self.get_store()
+        recorded = _none_if_empty(self.plan_fingerprint)
+        if recorded is not None:
+            return store, cfg, load_plan(store, recorded, force=_as_bool(self.force))
         model = _none_if_empty(self.model_uri)
         return store, cfg, plan(store, model, _none_if_empty(self.images), cfg,
                                 force=_as_bool(self.force))
@@ -411,7 +433,11 @@ class DetectPlanOperator(_DetectOperator):
         self.shard_tasks = shard_tasks
 
     def execute_step(self, context) -> list:
-        _, _, p = self._plan()
+        from petdet_tasks.detect import save_plan
+
+        store, _, p = self._plan()
+        if not p.cache_hit:  # the shard tasks and the gather run this very listing
+            self.log.info("plan recorded at %s", store.uri(save_plan(store, p)))
         groups = p.groups(int(self.shard_tasks))
         context["ti"].xcom_push(key="plan", value={
             "uri": p.uri, "fingerprint": p.fingerprint, "cache_hit": p.cache_hit,

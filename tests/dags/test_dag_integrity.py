@@ -161,6 +161,20 @@ def test_force_reaches_every_task(dag):
         assert value == "{{ params.force }}", task.task_id
 
 
+def test_shard_and_gather_tasks_run_the_plan_tasks_recorded_plan(dag):
+    """Not a listing of their own: an input prefix (detect_images, extra_data) may gain
+    images after the plan task (tests/integration/test_detect_step.py and
+    test_tfrecords_step.py show what that did)."""
+    for step in ("tfrecords", "detect"):
+        for task_id in (f"{step}_shards", f"{step}_gather"):
+            task = dag.get_task(task_id)
+            kwargs = task.partial_kwargs if task.is_mapped else vars(task)
+            assert "plan_fingerprint" in task.template_fields, task_id
+            assert kwargs["plan_fingerprint"] == \
+                f"{{{{ ti.xcom_pull(task_ids='{step}_plan', key='plan')['fingerprint'] }}}}", \
+                task_id
+
+
 def test_detection_reads_the_production_model_unless_asked_for_the_candidate(dag):
     task = dag.get_task("detect_plan")
     assert "params.detect_with == 'candidate'" in task.model_uri

@@ -22,15 +22,18 @@ from PIL import Image
 from petdet_tasks import annotate
 from petdet_tasks.detect import (
     JPEG_QUALITY,
+    PLAN_FILE,
     DetectConfig,
     NoProductionModel,
     gallery_pages,
     gather,
+    load_plan,
     part_key,
     plan,
     resolve_model,
     run_shards,
     safe_key,
+    save_plan,
 )
 from petdet_tasks.detect import detect as run_detect
 from petdet_tasks.export import export, load_exported
@@ -610,3 +613,43 @@ def test_cli_detect_on_a_missing_folder_exits_2(setup, tmp_path):
     assert out.returncode == 2, out.stderr[-3000:]
     assert "ConfigError" in out.stderr or "detect_images" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_shard_tasks_and_gather_run_the_recorded_listing_not_a_new_one(setup, tmp_path):
+    """Airflow's plan, shard and gather tasks run apart: an image arriving in the input prefix
+    in between must not give the later tasks another listing (another fingerprint), which made
+    the gather wait for shards that never came."""
+    from petdet_tasks.store import StoreError
+
+    work, store, model_uri, _ = setup
+    inbox = f"inbox-{uuid.uuid4().hex[:8]}/"
+    good = _good_images(work, 5)
+    for name, data in good[:4]:
+        store.put_bytes(inbox + name + ".jpg", data)
+    cfg = DetectConfig(score_threshold=LOW, max_boxes=2, num_shards=2, batch_size=2)
+    p = plan(store, model_uri, store.uri(inbox), cfg)
+    with pytest.raises(StoreError, match=f"has no {PLAN_FILE}: the plan task records it"):
+        load_plan(store, p.fingerprint)
+    save_plan(store, p)
+    store.put_bytes(inbox + "late-arrival.jpg", good[4][1])  # after the plan task
+    assert plan(store, model_uri, store.uri(inbox), cfg).fingerprint != p.fingerprint
+
+    assert load_plan(store, p.fingerprint) == p
+    run_shards(store, load_plan(store, p.fingerprint), [1], cfg, cache_dir=work / "cache")
+    run_shards(store, load_plan(store, p.fingerprint), [0], cfg, cache_dir=work / "cache")
+    result = gather(store, load_plan(store, p.fingerprint), cfg)
+    assert result.fingerprint == p.fingerprint and result.outputs["images"] == 4
+    assert PLAN_FILE in result.manifest["files"], "the listing detected is part of the output"
+
+    hit = load_plan(store, p.fingerprint)
+    assert hit.cache_hit and run_shards(store, hit, [0, 1], cfg) == []
+    assert gather(store, hit, cfg).cache_hit
+    # a cache hit made without a recorded plan (the CLI) is described by its manifest
+    store.delete(p.prefix + PLAN_FILE)
+    assert load_plan(store, p.fingerprint).cache_hit
+    assert load_plan(store, p.fingerprint).units == [0, 1]
+    # a recorded plan that does not describe its prefix is refused
+    other = plan(store, model_uri, store.uri(inbox), cfg)
+    store.put_bytes(p.prefix + PLAN_FILE, store.get_bytes(save_plan(store, other))[0])
+    with pytest.raises(StoreError, match="does not describe"):
+        load_plan(store, p.fingerprint, force=True)

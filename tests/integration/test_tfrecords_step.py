@@ -184,13 +184,9 @@ def test_quality_gate_failures_commit_nothing(store, dataset):
     assert [o.key for o in store.list("tfrecords/") if o.key.endswith("_MANIFEST.json")] == []
 
 
-def test_extra_data_is_merged_changes_the_fingerprint_and_keeps_splits(store, dataset,
-                                                                      tmp_path):
-    uri, summary = dataset
-    base = build(store, uri, TFRecordConfig(**SAMPLE_CFG), workers=1)
-    base_records = {r["name"]: r["split"] for r in _read_records(store, base, tmp_path / "a")}
-
-    # a labelled batch in the dataset layout, uploaded under extra/2026-11/
+def _upload_extra(store, tmp_path, prefix: str) -> tuple[list[str], dict]:
+    """A labelled batch in the dataset layout (images renamed _1000+), uploaded under prefix:
+    (its trainval names, its sample summary)."""
     extra_src = tmp_path / "extra"
     extra_summary = make_sample(extra_src, breeds=2, per_breed=6, seed=9)
     names = []
@@ -205,7 +201,7 @@ def test_extra_data_is_merged_changes_the_fingerprint_and_keeps_splits(store, da
                 if rel.startswith(("images/", "annotations/xmls/")):
                     new = stem.rsplit("_", 1)[0] + "_" + str(1000 + int(stem.rsplit("_", 1)[1]))
                     rel = rel.replace(stem, new)
-                    store.put_bytes(f"extra/2026-11/{rel}", data)
+                    store.put_bytes(f"{prefix}{rel}", data)
                 elif rel == "annotations/trainval.txt":
                     lines = []
                     for line in data.decode().splitlines():
@@ -213,8 +209,19 @@ def test_extra_data_is_merged_changes_the_fingerprint_and_keeps_splits(store, da
                         n = n.rsplit("_", 1)[0] + "_" + str(1000 + int(n.rsplit("_", 1)[1]))
                         names.append(n)
                         lines.append(" ".join([n, *rest]))
-                    store.put_bytes("extra/2026-11/annotations/trainval.txt",
+                    store.put_bytes(f"{prefix}annotations/trainval.txt",
                                     ("\n".join(lines) + "\n").encode())
+    return names, extra_summary
+
+
+def test_extra_data_is_merged_changes_the_fingerprint_and_keeps_splits(store, dataset,
+                                                                      tmp_path):
+    uri, summary = dataset
+    base = build(store, uri, TFRecordConfig(**SAMPLE_CFG), workers=1)
+    base_records = {r["name"]: r["split"] for r in _read_records(store, base, tmp_path / "a")}
+
+    # a labelled batch in the dataset layout, uploaded under extra/2026-11/
+    names, extra_summary = _upload_extra(store, tmp_path, "extra/2026-11/")
     cfg = TFRecordConfig(**{**SAMPLE_CFG, "extra_data": "extra/2026-11/",
                             "max_quarantine_fraction": 0.1})
     merged = build(store, uri, cfg, workers=1)
@@ -266,9 +273,14 @@ def test_cli_exit_status_says_whether_a_retry_can_help(store, dataset, request):
     bad_config = run("--dataset", uri, "--val-fraction", "2")
     assert bad_config.returncode == 2, bad_config.stderr
     assert "val_fraction must be in (0, 1), got 2.0" in bad_config.stderr
-    missing = run("--dataset", uri.rsplit("/", 1)[0] + "/0000000000")
+    # a well-formed output that is not there (yet): it may still be on its way, so 1 ...
+    missing = run("--dataset", uri.rsplit("/", 1)[0] + "/" + "0" * 20)
     assert missing.returncode == 1, missing.stderr
-    assert "Traceback" not in missing.stderr
+    assert "Traceback" not in missing.stderr and "has no _MANIFEST.json" in missing.stderr
+    # ... but a URI that cannot name an output never will be: 2
+    malformed = run("--dataset", uri.rsplit("/", 1)[0] + "/0000000000")
+    assert malformed.returncode == 2, malformed.stderr
+    assert "invalid fingerprint" in malformed.stderr and "Traceback" not in malformed.stderr
 
 
 def test_an_image_changed_in_the_store_after_download_is_an_error(store, dataset):
@@ -443,3 +455,38 @@ def test_list_file_duplicates_bad_ids_and_malformed_lines_are_reported(store, da
     assert names.count(dup) == 1 and wrong in names
     assert bad_cols not in names and bare not in names
     assert report["written"] == summary["trainval"] - 2 - 2  # the sample's 2, the 2 malformed
+
+
+def test_shard_tasks_and_gather_run_the_recorded_plan_not_a_new_one(store, dataset, tmp_path):
+    """Airflow's plan, shard and gather tasks run apart: images arriving in the extra-data
+    prefix in between must not give the later tasks another plan (another fingerprint), which
+    made the gather wait for shards that never came."""
+    from petdet_tasks.store import StoreError
+    from petdet_tasks.tfrecords import PLAN_FILE, load_plan, plan, save_plan, write_shards
+
+    uri, _ = dataset
+    _upload_extra(store, tmp_path, "extra/inbox/")
+    cfg = TFRecordConfig(**{**SAMPLE_CFG, "extra_data": "extra/inbox/",
+                            "max_quarantine_fraction": 0.1})
+    p = plan(store, uri, cfg)
+    with pytest.raises(StoreError, match=f"has no {PLAN_FILE}: the plan task records it"):
+        load_plan(store, p.fingerprint)
+    save_plan(store, p)
+    late = next(o.key for o in store.list("extra/inbox/images/"))
+    store.put_bytes("extra/inbox/images/zz_late_arrival.jpg", store.get_bytes(late)[0])
+    assert plan(store, uri, cfg).fingerprint != p.fingerprint
+
+    assert load_plan(store, p.fingerprint) == p
+    write_shards(store, load_plan(store, p.fingerprint), p.units[::2], cfg)
+    write_shards(store, load_plan(store, p.fingerprint), p.units[1::2], cfg)
+    result = gather(store, load_plan(store, p.fingerprint), cfg)
+    assert result.fingerprint == p.fingerprint and not result.cache_hit
+    assert PLAN_FILE in result.manifest["files"], "the plan is part of the output"
+    assert _report(store, result)["written"] == len(p.examples) - len(
+        _report(store, result)["quarantined"])
+    hit = load_plan(store, p.fingerprint)
+    assert hit.cache_hit and write_shards(store, hit, hit.units, cfg) == []
+    # a complete output without a recorded plan (the CLI built it): described by its manifest
+    store.delete(p.prefix + PLAN_FILE)
+    assert load_plan(store, p.fingerprint).units == p.units
+    assert gather(store, load_plan(store, p.fingerprint), cfg).cache_hit
