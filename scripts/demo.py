@@ -126,7 +126,7 @@ def _run_dag(conf: dict) -> int:
         if not isinstance(out, dict):  # the plan returns shard groups for the mapped task
             print(f"  {task_id:<17} {len(out)} shard groups")
             continue
-        if "uri" not in out:  # promote: a decision, not an output prefix
+        if "promoted" in out or "uri" not in out:  # promote: a decision, not an output
             print(f"  {task_id:<17} {out.get('reason', json.dumps(out, sort_keys=True))}")
             continue
         verb = "cache hit " if out.get("cache_hit") else "wrote     "
