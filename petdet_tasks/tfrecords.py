@@ -223,16 +223,6 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
     return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
 
 
-def _list_lines(text: str) -> list[tuple[int, list[str]]]:
-    """(line number, columns) of each line of a list file that is not blank or a comment."""
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        cols = line.split()
-        if cols and cols[0][0] != "#":
-            out.append((n, cols))
-    return out
-
-
 def _id_columns(breed: str) -> tuple[str, str, str] | None:
     """CLASS-ID, SPECIES, BREED-ID that the list files give a breed (None: not an Oxford one)."""
     if breed not in BREEDS:
@@ -305,18 +295,20 @@ def _examples_from(store: Store, base: str, files: Mapping[str, dict | None], so
     known: dict[str, tuple[str, ...]] = {}
     first_line: dict[str, int] = {}  # name → the line that listed it first
     sha256, from_bytes, new_example = hashlib.sha256, int.from_bytes, tuple.__new__
-    for line_no, cols in _list_lines(text):  # once per image, in the serial plan: kept lean
+    for line_no, line in enumerate(text.splitlines(), 1):  # per image, in the serial plan:
+        cols = line.split()                                # kept lean (no per-line strings)
+        if not cols or cols[0][0] == "#":
+            continue
         name = cols[0]
-        where = f"{list_file} line {line_no}"
         if len(cols) != 4:
             skipped.setdefault("malformed_list_line", []).append({
-                "name": name, "detail": f"{where} is {' '.join(cols)!r}: expected IMAGE "
-                "CLASS-ID SPECIES BREED-ID"})
+                "name": name, "detail": f"{list_file} line {line_no} is {' '.join(cols)!r}: "
+                "expected IMAGE CLASS-ID SPECIES BREED-ID"})
             continue
         if first_line.setdefault(name, line_no) != line_no:
             skipped.setdefault("duplicate_list_line", []).append({
-                "name": name, "detail": f"{where} lists it again (first on line "
-                f"{first_line[name]}): written once"})
+                "name": name, "detail": f"{list_file} line {line_no} lists it again (first on "
+                f"line {first_line[name]}): written once"})
             continue
         breed, sep, num = name.rpartition("_")
         if not (sep and num.isdigit() and breed in known):  # the slow path once per breed
@@ -334,7 +326,7 @@ def _examples_from(store: Store, base: str, files: Mapping[str, dict | None], so
             if problem is not None:
                 kind, detail = problem
                 (skipped if kind == "malformed_list_line" else noted).setdefault(kind, []).append(
-                    {"name": name, "detail": f"{where}: {detail}"})
+                    {"name": name, "detail": f"{list_file} line {line_no}: {detail}"})
                 if kind == "malformed_list_line":
                     continue
         image = "images/" + name + ".jpg"
