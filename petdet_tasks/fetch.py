@@ -31,6 +31,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from petdet_tasks.store import split_authority
+
 __all__ = [
     "ChecksumMismatch",
     "FetchError",
@@ -149,21 +151,17 @@ def redact_url(source: str) -> str:
     try:
         parts = urllib.parse.urlsplit(source)
     except ValueError:
-        scheme = _SCHEME_RE.match(source)
-        if scheme is None:
+        split = split_authority(source)
+        if split is None:
             return "<unparsable URL>" if "@" in source else source
-        rest = source[scheme.end():]
-        end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
-        if "@" not in rest[:end]:
+        scheme, authority, rest = split
+        if "@" not in authority:
             return source
-        return f"{scheme.group(0)}***@{rest[:end].rpartition('@')[2]}{rest[end:]}"
+        return f"{scheme}***@{authority.rpartition('@')[2]}{rest}"
     if "@" not in parts.netloc:
         return source
     host = parts.netloc.rpartition("@")[2]
     return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}"))
-
-
-_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _split_credentials(url: str) -> tuple[str, str | None]:

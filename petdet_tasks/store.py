@@ -534,16 +534,24 @@ def _redact(root: str) -> str:
     return redact_url(root)
 
 
+def split_authority(uri: str) -> tuple[str, str, str] | None:
+    """``scheme://``, the authority and the rest of a URI, by its text alone (no parsing that
+    can fail: safe on the malformed URIs whose secrets must not be echoed); None without a
+    scheme."""
+    scheme = _URI_SCHEME.match(uri)
+    if scheme is None:
+        return None
+    rest = uri[scheme.end():]
+    end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
+    return scheme.group(0), rest[:end], rest[end:]
+
+
 def _refuse_credentials(root: str) -> None:
     """A URI with a userinfo part (``s3://KEY:SECRET@bucket``) is refused with a
     :class:`~petdet_tasks.errors.ConfigError` showing it redacted: a store's URI is logged and
     passed around (XCom, manifests), so it must never carry a secret."""
-    scheme = _URI_SCHEME.match(root)
-    if scheme is None:
-        return
-    rest = root[scheme.end():]
-    end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
-    if "@" in rest[:end]:
+    parts = split_authority(root)
+    if parts is not None and "@" in parts[1]:
         raise ConfigError(
             f"store URI {_redact(root)} has credentials in it (user:password@): refused, as "
             "a store URI is logged and recorded; give S3 credentials through the AWS "
