@@ -110,6 +110,8 @@ from petdet_tasks.manifest import (
     load_output,
     read_manifest,
     read_plan_record,
+    register_plan_record,
+    resolve_output_uri,
     run_step,
     save_plan_record,
 )
@@ -120,7 +122,6 @@ log = logging.getLogger(__name__)
 
 STEP = "detect"
 SCHEMA_VERSION = 1
-PLAN_FILE = PLAN
 PARTS = "_parts/"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 PAGE_SIZE = 500  # gallery cards per HTML page
@@ -261,10 +262,7 @@ def resolve_model(store: Store, model_uri: str | None) -> str:
     """The model to run: ``model_uri`` (a URI, or ``models/<fp>`` relative to the store root),
     else the registry's production model. :class:`NoProductionModel` when neither exists."""
     if model_uri is not None and str(model_uri).strip():
-        uri = str(model_uri).strip().rstrip("/")
-        if "://" not in uri and not os.path.isabs(uri):
-            uri = store.uri(uri)
-        return uri
+        return resolve_output_uri(store, model_uri)
     pointer, _ = read_production(store)
     if pointer is None:
         raise NoProductionModel(
@@ -496,7 +494,7 @@ def load_plan(store: Store, fp: str, *, force: bool = False) -> DetectPlan:
     items = [Item(*it) for it in doc["items"]]
     if (listing_digest(items) != doc["inputs"].get("images")
             or fingerprint(STEP, SCHEMA_VERSION, doc["inputs"], doc["config"]) != fp):
-        raise StoreError(f"{store.uri(prefix + PLAN_FILE)} does not describe {uri}: "
+        raise StoreError(f"{store.uri(prefix + PLAN)} does not describe {uri}: "
                          "run the plan task again")
     return DetectPlan(uri, fp, prefix, cache_hit, doc["model_uri"], doc["model_fingerprint"],
                       items, [int(u) for u in doc["units"]], doc["images"], doc["config"],
@@ -993,11 +991,7 @@ def gather(store: Store, p: DetectPlan, cfg: DetectConfig, *, run_id: str | None
             for rel, e in report["files"].items():
                 writer.register(rel, FileEntry(e["size"], e["sha256"]))
             writer.register(key[len(p.prefix):], FileEntry(len(data), _sha256(data)))
-        try:  # the listing the Airflow plan task recorded: part of what was committed
-            data = store.get_bytes(p.prefix + PLAN_FILE)[0]
-            writer.register(PLAN_FILE, FileEntry(len(data), _sha256(data)))
-        except NotFound:
-            pass  # planned in this process (the CLI)
+        register_plan_record(writer)
         if missing:
             raise StoreError(f"{len(missing)} of {len(p.units)} shards of {p.uri} are not "
                              f"written yet (shards {missing[:10]}); run the shard tasks first")

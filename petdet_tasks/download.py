@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from petdet_tasks.defaults import OFFICIAL_BASE
-from petdet_tasks.errors import PermanentError
 from petdet_tasks.fetch import (
     FetchError,
     fetch,
@@ -38,7 +37,9 @@ from petdet_tasks.fetch import (
     read_text,
     redact_url,
 )
-from petdet_tasks.layout import cache_root, fingerprint
+
+# DatasetLayoutError and decode_list_file live in layout (light: the tfrecords plan uses them)
+from petdet_tasks.layout import DatasetLayoutError, cache_root, decode_list_file, fingerprint
 from petdet_tasks.manifest import StepResult, StepWriter, run_step
 from petdet_tasks.safe_tar import safe_extract
 from petdet_tasks.store import Store, sha256_file
@@ -60,10 +61,6 @@ PINNED: dict[str, tuple[int, str]] = {
         19_173_078, "52425fb6de5c424942b7626b428656fcbd798db970a937df61750c0f1d358e91"),
 }
 REQUIRED = ("annotations/list.txt", "annotations/trainval.txt", "annotations/test.txt")
-
-
-class DatasetLayoutError(PermanentError, ValueError):
-    """The archives did not contain the Oxford-IIIT Pet layout."""
 
 
 @dataclass(frozen=True)
@@ -128,19 +125,6 @@ def _fetch_archive(cfg: DownloadConfig, cache: Path, name: str, size: int | None
     result = fetch(join_source(cfg.source, name), dest, expected_sha256=sha256,
                    expected_size=size, retries=cfg.retries, log=log)
     return result.path, result.sha256
-
-
-def decode_list_file(data: bytes, where: str) -> str:
-    """The text of a list file (``trainval.txt`` ...), which must be UTF-8 (the real ones are
-    ASCII); otherwise a :class:`DatasetLayoutError` naming ``where`` and the line."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise DatasetLayoutError(
-            f"{where} is not UTF-8 text: line {line}, column {column} has byte "
-            f"0x{data[e.start]:02x} ({e.reason}); save the list file as UTF-8") from None
 
 
 def read_list_file(path: Path, where: str) -> str:

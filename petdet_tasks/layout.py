@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from petdet_tasks.errors import ConfigError
+from petdet_tasks.errors import ConfigError, PermanentError
 
 MANIFEST = "_MANIFEST.json"
 LEASE = "_LEASE.json"
@@ -96,3 +96,20 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     ``$PETDET_CACHE_DIR``, else ``~/.cache/petdet``. Scratch only: the store holds the truth."""
     base = cache_dir or os.environ.get("PETDET_CACHE_DIR") or "~/.cache/petdet"
     return Path(base).expanduser()
+
+
+class DatasetLayoutError(PermanentError, ValueError):
+    """The archives did not contain the Oxford-IIIT Pet layout."""
+
+
+def decode_list_file(data: bytes, where: str) -> str:
+    """The text of a list file (``trainval.txt`` ...), which must be UTF-8 (the real ones are
+    ASCII); otherwise a :class:`DatasetLayoutError` naming ``where`` and the line."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DatasetLayoutError(
+            f"{where} is not UTF-8 text: line {line}, column {column} has byte "
+            f"0x{data[e.start]:02x} ({e.reason}); save the list file as UTF-8") from None

@@ -23,6 +23,7 @@ version, the writer and timings, plus the step's small JSON ``outputs``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -298,6 +299,17 @@ def save_plan_record(store: Store, prefix: str, doc: dict) -> str:
     return key
 
 
+def register_plan_record(writer: StepWriter) -> None:
+    """List the recorded plan (if the plan ran as its own task) in the manifest the gather
+    commits: part of what the output was made from. Planned in the same process (the CLI):
+    there is none."""
+    try:
+        data = writer.store.get_bytes(writer.prefix + PLAN)[0]
+    except NotFound:
+        return
+    writer.register(PLAN, FileEntry(len(data), hashlib.sha256(data).hexdigest()))
+
+
 def read_plan_record(store: Store, step: str, fp: str, *, force: bool = False
                      ) -> tuple[dict | None, dict | None, bool]:
     """(the plan recorded for ``step``'s output ``fp`` or None, its manifest or None, whether
@@ -324,14 +336,21 @@ def read_manifest(store: Store, prefix: str) -> dict | None:
     return json.loads(data)
 
 
+def resolve_output_uri(store: Store, uri: str) -> str:
+    """An output's URI from its URI or its ``<folder>/<fingerprint>`` relative to the store's
+    root (``datasets/<fp>``, ``models/<fp>``, ...)."""
+    uri = str(uri).strip().rstrip("/")
+    if "://" not in uri and not os.path.isabs(uri) and uri.count("/") == 1:
+        return store.uri(uri)
+    return uri
+
+
 def load_output(store: Store, uri: str, *, expect_step: str | None = None) -> StepResult:
     """A committed output by URI (as passed between steps) or by its ``<folder>/<fingerprint>``
     relative to the store's root; a clear error if incomplete. A URI of the wrong step or
     outside this store is a :class:`ConfigError`; a missing manifest a (retryable)
     :class:`StoreError`, since the output may still be on its way."""
-    uri = str(uri).strip()
-    if "://" not in uri and not os.path.isabs(uri) and uri.rstrip("/").count("/") == 1:
-        uri = store.uri(uri.rstrip("/"))  # datasets/<fp>, models/<fp>, ...
+    uri = resolve_output_uri(store, uri)
     root, step, fp = split_output_uri(uri)
     if expect_step is not None and step != expect_step:
         raise ConfigError(f"{uri} is a {step!r} output, expected a {expect_step!r} output")

@@ -49,13 +49,14 @@ from petdet_tasks.breeds import BREEDS, breed_id, breed_of, class_id, species
 from petdet_tasks.errors import ConfigError, PermanentError
 from petdet_tasks.images import CHECK_MODES, check_image
 from petdet_tasks.label_map import LabelMap, load_label_map, pets_label_map
-from petdet_tasks.layout import PLAN, fingerprint, step_prefix
+from petdet_tasks.layout import PLAN, decode_list_file, fingerprint, step_prefix
 from petdet_tasks.manifest import (
     StepResult,
     StepWriter,
     load_output,
     read_manifest,
     read_plan_record,
+    register_plan_record,
     run_step,
     save_plan_record,
 )
@@ -77,7 +78,6 @@ STEP = "tfrecords"
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val")
 PARTS = "_parts/"
-PLAN_FILE = PLAN
 HIST_BINS = 10
 
 
@@ -284,8 +284,6 @@ def _examples_from(store: Store, base: str, files: Mapping[str, dict | None], so
                       if f in files), None)
     if list_file is None:
         raise FileNotFoundError(f"{store.uri(base)}: no annotations/trainval.txt or list.txt")
-    from petdet_tasks.download import decode_list_file  # not at import: fetch is heavy
-
     text = decode_list_file(store.get_bytes(base + list_file)[0], store.uri(base + list_file))
     val_cut = cfg.val_fraction * 2**64
     num_shards = cfg.num_shards
@@ -420,7 +418,7 @@ def load_plan(store: Store, fp: str, *, force: bool = False) -> Plan:
         return Plan(fp, uri, prefix, True, units, [], {}, manifest["config"],
                     manifest["inputs"], {})
     if fingerprint(STEP, SCHEMA_VERSION, doc["inputs"], doc["config"]) != fp:
-        raise StoreError(f"{store.uri(prefix + PLAN_FILE)} does not describe {uri}: run the "
+        raise StoreError(f"{store.uri(prefix + PLAN)} does not describe {uri}: run the "
                          "plan task again")
     return Plan(fp, uri, prefix, cache_hit, [(s, int(i)) for s, i in doc["units"]],
                 [Example(*e) for e in doc["examples"]], doc["skipped"], doc["config"],
@@ -815,11 +813,7 @@ def gather(store: Store, p: Plan, cfg: TFRecordConfig, *, run_id: str | None = N
         if missing:
             raise StoreError(f"{len(missing)} shards of {p.uri} are not written yet: "
                              f"{', '.join(missing[:5])}; run the shard tasks first")
-        try:  # the plan the Airflow plan task recorded: part of what was committed
-            data = store.get_bytes(p.prefix + PLAN_FILE)[0]
-            writer.register(PLAN_FILE, FileEntry(len(data), hashlib.sha256(data).hexdigest()))
-        except NotFound:
-            pass  # planned in this process (the CLI)
+        register_plan_record(writer)
         merged = _merge(reports, p.skipped, p.noted)
         written_labels = quality_gate(merged, labels, cfg, parts_uri=store.uri(p.prefix + PARTS))
         merged["label_map"] = written_labels.to_json()

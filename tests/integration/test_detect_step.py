@@ -22,7 +22,6 @@ from PIL import Image
 from petdet_tasks import annotate
 from petdet_tasks.detect import (
     JPEG_QUALITY,
-    PLAN_FILE,
     DetectConfig,
     NoProductionModel,
     gallery_pages,
@@ -37,6 +36,7 @@ from petdet_tasks.detect import (
 )
 from petdet_tasks.detect import detect as run_detect
 from petdet_tasks.export import export, load_exported
+from petdet_tasks.layout import PLAN as PLAN_FILE
 from petdet_tasks.layout import step_prefix
 from petdet_tasks.manifest import load_output
 from petdet_tasks.registry import promote

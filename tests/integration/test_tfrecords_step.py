@@ -461,8 +461,9 @@ def test_shard_tasks_and_gather_run_the_recorded_plan_not_a_new_one(store, datas
     """Airflow's plan, shard and gather tasks run apart: images arriving in the extra-data
     prefix in between must not give the later tasks another plan (another fingerprint), which
     made the gather wait for shards that never came."""
+    from petdet_tasks.layout import PLAN as PLAN_FILE
     from petdet_tasks.store import StoreError
-    from petdet_tasks.tfrecords import PLAN_FILE, load_plan, plan, save_plan, write_shards
+    from petdet_tasks.tfrecords import load_plan, plan, save_plan, write_shards
 
     uri, _ = dataset
     _upload_extra(store, tmp_path, "extra/inbox/")
