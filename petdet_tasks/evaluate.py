@@ -62,8 +62,9 @@ def evaluate(store: Store, model_uri: str, tfrecords_uri: str, cfg: EvalConfig |
     cfg = (cfg or EvalConfig()).validate()
     model = load_output(store, model_uri, expect_step="export")
     records = load_output(store, tfrecords_uri, expect_step="tfrecords")
-    splits = sorted({rel.split("-", 1)[0] for rel in records.manifest.get("files", {})
-                     if rel.endswith(".tfrecord")})
+    from petdet_tasks.tfrecords import splits_of
+
+    splits = splits_of(records.manifest.get("files", {}))
     if cfg.split not in splits:  # before minutes of model loading, and never retried
         raise ConfigError(f"{records.uri} has no {cfg.split!r} shards: its splits are "
                           + ", ".join(repr(x) for x in splits))

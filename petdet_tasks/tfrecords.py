@@ -223,6 +223,11 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
     return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
 
 
+def splits_of(files: Mapping[str, object]) -> list[str]:
+    """The splits whose shards a tfrecords output's manifest ``files`` list, sorted."""
+    return sorted({rel.split("-", 1)[0] for rel in files if rel.endswith(".tfrecord")})
+
+
 def _id_columns(breed: str) -> tuple[str, str, str] | None:
     """CLASS-ID, SPECIES, BREED-ID that the list files give a breed (None: not an Oxford one)."""
     if breed not in BREEDS:
@@ -705,9 +710,7 @@ def write_shards(store: Store, p: Plan, units: Iterable[tuple[str, int]], cfg: T
 # Gather
 # ---------------------------------------------------------------------------------------------
 
-def _merge(reports: list[dict], skipped: dict[str, list],
-           noted: dict[str, list] | None = None) -> dict:
-    noted = noted or {}
+def _merge(reports: list[dict], skipped: dict[str, list], noted: dict[str, list]) -> dict:
     per_split: dict[str, dict] = {}
     for split in SPLITS:
         rs = [r for r in reports if r["split"] == split]
@@ -753,7 +756,7 @@ def _merge(reports: list[dict], skipped: dict[str, list],
 
 
 def quality_gate(report: dict, labels: LabelMap, cfg: TFRecordConfig,
-                 parts_uri: str | None = None) -> LabelMap:
+                 parts_uri: str) -> LabelMap:
     """Raise :class:`DataQualityError` on a bad dataset; return the label map to write.
     ``parts_uri``: where the shard reports listing each image are (named in the message, since
     a failed gate writes no data_report.json)."""
@@ -767,12 +770,11 @@ def quality_gate(report: dict, labels: LabelMap, cfg: TFRecordConfig,
         reasons = Counter(q["reason"].split(":")[0] for q in report["quarantined"])
         first = "; ".join(f"{q['name']}: {q['reason']}" for q in report["quarantined"][:5])
         more = f" (+{quarantined - 5} more)" if quarantined > 5 else ""
-        where = (f"every one is listed with its reason in the shard reports {parts_uri}"
-                 "<split>-NNNNN.json" if parts_uri else "the shard reports list every one")
         raise DataQualityError(
             f"{quarantined} of {labelled} labelled images were quarantined ({frac:.1%}), more "
             f"than max_quarantine_fraction={cfg.max_quarantine_fraction:.1%}; reasons: "
-            f"{dict(reasons)}: {first}{more}; {where}. Fix or remove those images, or raise "
+            f"{dict(reasons)}: {first}{more}; every one is listed with its reason in the shard "
+            f"reports {parts_uri}<split>-NNNNN.json. Fix or remove those images, or raise "
             "max_quarantine_fraction (--max-quarantine) if that share is acceptable")
     for split in SPLITS:
         if report["splits"][split]["examples"] == 0:

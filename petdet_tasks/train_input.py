@@ -164,10 +164,11 @@ def stage_shards(store: Store, tfrecords_uri: str, split: str,
     files: Mapping[str, dict] = result.manifest["files"]
     names = sorted(rel for rel in files if _is_shard(rel, split))
     if not names:
-        splits = sorted({rel.split("-", 1)[0] for rel in files if rel.endswith(".tfrecord")})
+        from petdet_tasks.tfrecords import splits_of
+
         raise FileNotFoundError(
             f"{tfrecords_uri} has no {split!r} shards ({split}-NNNNN-of-NNNNN.tfrecord); "
-            f"its splits: {', '.join(splits) or 'none'}")
+            f"its splits: {', '.join(splits_of(files)) or 'none'}")
     prefix = step_prefix("tfrecords", result.fingerprint)
     local_dir = Path(cache_dir) / result.fingerprint
     out, fetched, reused = [], 0, 0
