@@ -16,7 +16,9 @@ them safely and stores the dataset under `datasets/<fingerprint>/` in **store_ro
    signatures, the OD API outputs) and a TF1 `frozen_inference_graph.pb`, each checked against
    the Keras model before commit.
 5. `evaluate` measures the served model on the val split with COCO metrics
-   (`evaluations/<fingerprint>/metrics.json`).
+   (`evaluations/<fingerprint>/metrics.json`); `evaluate_production`, beside it, measures the
+   production model on the same records (a cache hit when they did not change), so that the
+   two are compared on the same images.
 6. `promote` makes it production (`registry/production.json`, compare-and-swap) when its
    **promotion_metric** beats production by **promotion_margin**; with
    **skip_detection_if_not_promoted** a model that is not better ends the run there.
@@ -45,6 +47,7 @@ from petdet_airflow.operators import (
     DetectShardsOperator,
     DownloadPetsOperator,
     EvaluateModelOperator,
+    EvaluateProductionOperator,
     ExportModelOperator,
     PromoteModelOperator,
     TFRecordsGatherOperator,
@@ -277,13 +280,23 @@ with DAG(
         execution_timeout=timedelta(hours=2),
         **store_args,
     )
+    evaluate_production = EvaluateProductionOperator(
+        task_id="evaluate_production",
+        tfrecords_uri="{{ ti.xcom_pull(task_ids='tfrecords_gather')['uri'] }}",
+        force="{{ params.force }}",
+        execution_timeout=timedelta(hours=2),
+        doc_md="The production model on this run's records and split (what promote compares "
+               "the candidate with); nothing to do before the first promotion.",
+        **store_args,
+    )
     promote = PromoteModelOperator(
         task_id="promote",
         evaluation_uri="{{ ti.xcom_pull(task_ids='evaluate')['uri'] }}",
         metric="{{ params.promotion_metric }}",
         margin="{{ params.promotion_margin }}",
         skip_downstream_if_not_promoted="{{ params.skip_detection_if_not_promoted }}",
-        execution_timeout=timedelta(minutes=5),
+        # production changed since evaluate_production: promote measures the new one itself
+        execution_timeout=timedelta(hours=2),
         **store_args,
     )
 
@@ -325,4 +338,5 @@ with DAG(
     )
 
     download >> plan >> shards >> gather >> train >> export >> evaluate >> promote
+    gather >> evaluate_production >> promote
     promote >> detect_plan >> detect_shards >> detect_gather

@@ -84,7 +84,7 @@ def _cmd_promote(args) -> dict:
     from petdet_tasks.evaluate import promote_evaluated
 
     return promote_evaluated(_store(args.store), args.evaluation, metric=args.metric,
-                             margin=args.margin, run_id=args.run_id)
+                             margin=args.margin, run_id=args.run_id, cache_dir=args.cache_dir)
 
 
 def _cmd_detect(args) -> dict:
@@ -214,10 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("promote", help="make an evaluated model production if it is better")
     o.add_argument("--store", required=True, help="s3://bucket/prefix or a local directory")
     o.add_argument("--evaluation", required=True, help="the evaluate step's output URI")
-    o.add_argument("--metric", default="mAP", help="metric compared (default mAP)")
+    o.add_argument("--metric", default="mAP",
+                   help="quality metric compared (default mAP; also mAP@.5, mAP@.75, "
+                   "recall@100, ...)")
     o.add_argument("--margin", type=float, default=0.0,
                    help="promote only when better than production by at least this much")
     o.add_argument("--run-id", default=None, help="recorded with the decision")
+    o.add_argument("--cache-dir", default=None,
+                   help="local cache for evaluating production on the candidate's records "
+                   "when it was measured on others (default ~/.cache/petdet)")
     o.set_defaults(func=_cmd_promote)
 
     x = sub.add_parser("detect", help="run a model over images: JSON, annotated JPEGs, gallery")

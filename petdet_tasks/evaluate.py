@@ -10,13 +10,20 @@
 
 What is measured is the *served* model: the SavedModel's ``encoded_image_string_tensor``
 signature fed the records' encoded JPEGs, exactly what a client sends. Ground truth is the
-records' normalised boxes and label-map ids; the model's label map must hold every id the
-records use.
+records' normalised boxes and label-map ids. The model's and the records' label maps must
+agree wherever they share an id or a name (``1: Abyssinian`` in both); a class of the records
+the model was not trained on is measured like any other (it scores AP 0, since the model never
+predicts it) and is listed in ``metrics.json`` under ``classes_the_model_cannot_detect``.
 
 The fingerprint covers the model's and the records' fingerprints and the config, so the same
-model on the same data is a cache hit. Promotion (:mod:`petdet_tasks.registry`) reads
-``metrics.json``; its decisions are appended beside it under ``promotions/`` (one create-only
-file per decision — the committed metrics never change).
+model on the same data is a cache hit. Promotion (:func:`promote_evaluated`,
+:mod:`petdet_tasks.registry`) reads ``metrics.json`` and compares models only on the same
+evaluation set (records fingerprint and split): when production was measured on other records
+(last week's, before new labelled data), it is evaluated on the candidate's set first (a
+cached evaluation like any other). It refuses the ``train`` split, which models are fitted
+on, and compares only the quality metrics (:data:`QUALITY_METRICS`, higher is better). Its
+decisions are appended beside the evaluation under ``promotions/`` (one create-only file per
+decision — the committed metrics never change).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import time
 from pathlib import Path
 
 from petdet_tasks.errors import ConfigError
+from petdet_tasks.label_map import LabelMap
 from petdet_tasks.layout import PRODUCTION_POINTER, cache_root, fingerprint, step_prefix
 from petdet_tasks.manifest import StepResult, StepWriter, load_output, run_step
 from petdet_tasks.store import Store
@@ -38,6 +46,11 @@ log = logging.getLogger(__name__)
 STEP = "evaluate"
 SCHEMA_VERSION = 1
 HEADLINE = ("mAP", "mAP@.5", "mAP@.75", "recall@100")
+# the metrics.json numbers a promotion may compare (higher is better); the others are counts
+QUALITY_METRICS = ("mAP", "mAP@.5", "mAP@.75", "mAP_small", "mAP_medium", "mAP_large",
+                   "recall@1", "recall@10", "recall@100")
+# the split models are fitted on: a promotion on it would reward memorising
+TRAIN_SPLIT = "train"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +127,7 @@ def _evaluate_body(store: Store, writer: StepWriter, model: StepResult, records:
 
     _, saved_model_dir, labels = load_exported(store, model.uri, cache)
     record_labels = load_records_label_map(store, records.uri)
-    unknown = sorted(set(record_labels.ids) - set(labels.ids))
-    if unknown:
-        raise ConfigError(f"the records {records.uri} use label ids {unknown} that the model "
-                         f"{model.uri} does not know (its ids: {labels.ids})")
+    classes, cannot_detect = eval_classes(labels, record_labels, model.uri, records.uri)
     paths = stage_shards(store, records.uri, cfg.split, cache / "tfrecords")
     import tensorflow as tf
 
@@ -151,21 +161,69 @@ def _evaluate_body(store: Store, writer: StepWriter, model: StepResult, records:
             batch = []
     if batch:
         flush(batch)
-    if not groundtruth:
-        raise ValueError(f"the {cfg.split!r} split of {records.uri} has no images")
+    if not groundtruth:  # committed records never change: a retry would find none again
+        raise ConfigError(f"the {cfg.split!r} split of {records.uri} has no images")
     seconds = time.monotonic() - started
-    metrics = coco_metrics(groundtruth, detections, dict(zip(labels.ids, labels.names,
-                                                             strict=True)))
+    metrics = coco_metrics(groundtruth, detections, classes)
     log.info("evaluated %s on %d %s images of %s in %.1fs (%.1f images/s)\n%s", model.uri,
              len(groundtruth), cfg.split, records.uri, seconds,
              len(groundtruth) / max(seconds, 1e-9), format_table(metrics))
-    metrics_doc = {"model_uri": model.uri, "tfrecords_uri": records.uri, "split": cfg.split,
-                   "signature": SIGNATURE_ENCODED, **metrics}
+    metrics_doc = {"model_uri": model.uri, "model_fingerprint": model.fingerprint,
+                   "tfrecords_uri": records.uri, "tfrecords_fingerprint": records.fingerprint,
+                   "split": cfg.split, "signature": SIGNATURE_ENCODED,
+                   "classes_the_model_cannot_detect": cannot_detect, **metrics}
     writer.put_json("metrics.json", metrics_doc)
     writer.put_bytes("detections.jsonl", ("\n".join(lines) + "\n").encode())
     return {"model_uri": model.uri, "model_fingerprint": model.fingerprint,
             "tfrecords_uri": records.uri, "split": cfg.split, "images": metrics["images"],
             **{k: metrics[k] for k in HEADLINE}}
+
+
+def eval_classes(model_labels: LabelMap, record_labels: LabelMap, model_uri: str,
+                 records_uri: str) -> tuple[dict[int, str], list[str]]:
+    """The classes scored, ``{id: name}`` (both label maps together), and the names of the
+    records' classes the model cannot detect. :class:`ConfigError` when the maps give one id
+    two names or one name two ids: the model's ``1`` would be scored as another breed."""
+    model_map = dict(zip(model_labels.ids, model_labels.names, strict=True))
+    record_map = dict(zip(record_labels.ids, record_labels.names, strict=True))
+    model_ids = {name: i for i, name in model_map.items()}
+    conflicts = [f"id {i} is {name!r} in the records, {model_map[i]!r} in the model"
+                 for i, name in record_map.items() if i in model_map and model_map[i] != name]
+    conflicts += [f"{name!r} is id {i} in the records, {model_ids[name]} in the model"
+                  for i, name in record_map.items()
+                  if name in model_ids and model_ids[name] != i]
+    if conflicts:
+        raise ConfigError(f"the label maps of the records {records_uri} and the model "
+                          f"{model_uri} disagree: " + "; ".join(conflicts[:5])
+                          + (f" (+{len(conflicts) - 5} more)" if len(conflicts) > 5 else ""))
+    cannot_detect = [name for i, name in record_map.items() if i not in model_map]
+    if cannot_detect:
+        log.warning("the model %s was not trained on %d classes of the records %s (%s): they "
+                    "score AP 0", model_uri, len(cannot_detect), records_uri,
+                    ", ".join(cannot_detect[:10]))
+    return dict(sorted({**model_map, **record_map}.items())), cannot_detect
+
+
+def evaluate_production(store: Store, tfrecords_uri: str, cfg: EvalConfig | None = None, *,
+                        cache_dir=None, run_id: str | None = None,
+                        force: bool = False) -> StepResult | None:
+    """Production's evaluation on these records' split, so that a promotion compares it with
+    the candidate on the same images: the DAG runs it beside the candidate's evaluation (the
+    promotion then finds it cached). None when there is no production model yet; production's
+    own evaluation when it was promoted on this very set."""
+    from petdet_tasks.registry import production_model_uri, read_production
+
+    cfg = (cfg or EvalConfig()).validate()
+    pointer, _ = read_production(store)
+    if pointer is None:
+        log.info("no production model yet: nothing to compare the candidate with")
+        return None
+    model = production_model_uri(store, pointer)
+    log.info("production model %s (%s %s, measured on %s): evaluating it on the %r split of %s",
+             model, pointer["metric"], pointer["value"],
+             pointer.get("evaluated_on") or "an unrecorded set", cfg.split, tfrecords_uri)
+    return evaluate(store, model, tfrecords_uri, cfg, cache_dir=cache_dir, run_id=run_id,
+                    force=force)
 
 
 def read_metrics(store: Store, evaluation_uri: str) -> tuple[StepResult, dict]:
@@ -175,20 +233,44 @@ def read_metrics(store: Store, evaluation_uri: str) -> tuple[StepResult, dict]:
 
 
 def promote_evaluated(store: Store, evaluation_uri: str, *, metric: str = "mAP",
-                      margin: float = 0.0, run_id: str | None = None) -> dict:
-    """Promote the evaluated model if it beats production (:func:`registry.promote`), and
-    record the decision beside the evaluation (``promotions/<time>-<run>.json``)."""
+                      margin: float = 0.0, run_id: str | None = None, cache_dir=None) -> dict:
+    """Promote the evaluated model if it beats production (:func:`registry.promote`) on the
+    same evaluation set, evaluating production on it first when it was measured on another
+    (module doc), and record the decision beside the evaluation
+    (``promotions/<time>-<run>.json``)."""
     from datetime import UTC, datetime
 
-    from petdet_tasks.registry import promote
+    from petdet_tasks.registry import RegistryError, production_model_uri, promote
 
     result, metrics = read_metrics(store, evaluation_uri)
-    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))
-               and not isinstance(v, bool)}
-    decision = promote(store, model_uri=metrics["model_uri"],
-                       model_fingerprint=result.manifest["inputs"]["model"],
+    if metric not in QUALITY_METRICS:
+        raise RegistryError(f"cannot promote on {metric!r}: promotion compares a quality metric "
+                            f"(higher is better): {', '.join(QUALITY_METRICS)}")
+    if metrics.get(metric) is None:
+        raise RegistryError(f"cannot promote on {metric!r}: it is undefined on {result.uri} "
+                            "(COCO gives no value when the split has no ground-truth box of "
+                            "that kind); choose another metric")
+    split = result.manifest["config"]["split"]
+    if split == TRAIN_SPLIT:
+        raise RegistryError(f"cannot promote on {result.uri}: it measured the {split!r} split, "
+                            "which models are fitted on (a model that memorises it would win); "
+                            "evaluate on a held-out split (val)")
+    records_fp = result.manifest["inputs"]["tfrecords"]
+    records_uri = store.uri(step_prefix("tfrecords", records_fp).rstrip("/"))
+
+    def rescore(pointer: dict) -> tuple[str, dict]:
+        """Production's metrics on the candidate's set (a cached evaluation after the first)."""
+        champion = evaluate(store, production_model_uri(store, pointer), records_uri,
+                            EvalConfig(split=split), cache_dir=cache_dir, run_id=run_id)
+        return champion.uri, read_metrics(store, champion.uri)[1]
+
+    model_fp = result.manifest["inputs"]["model"]
+    numbers = {k: metrics[k] for k in QUALITY_METRICS if k in metrics}
+    decision = promote(store, model_uri=store.uri(step_prefix("export", model_fp).rstrip("/")),
+                       model_fingerprint=model_fp,
                        evaluation_uri=result.uri, metrics=numbers, metric=metric,
-                       margin=margin, run_id=run_id)
+                       margin=margin, run_id=run_id,
+                       evaluated_on={"tfrecords": records_fp, "split": split}, rescore=rescore)
     record = {"decided_at": datetime.now(UTC).isoformat(timespec="seconds"), "run_id": run_id,
               **decision.to_json()}
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
@@ -200,9 +282,11 @@ def promote_evaluated(store: Store, evaluation_uri: str, *, metric: str = "mAP",
     # the step-command contract (uri, fingerprint, cache_hit): the registry pointer, the model
     # decided on, and whether the registry was left as it was (this model already production)
     return {"uri": store.uri(PRODUCTION_POINTER),
-            "fingerprint": result.manifest["inputs"]["model"],
-            "cache_hit": decision.production_model == decision.candidate_model,
+            "fingerprint": model_fp, "cache_hit": decision.already_production,
             "promoted": decision.promoted, "reason": decision.reason, "metric": metric,
             "candidate": decision.candidate, "production": decision.production,
             "margin": margin, "model_uri": decision.candidate_model,
-            "production_model": decision.production_model, "decision_uri": store.uri(key)}
+            "production_model": decision.production_model,
+            "production_evaluation": decision.production_evaluation,
+            "evaluated_on": {"tfrecords": records_fp, "split": split},
+            "decision_uri": store.uri(key)}

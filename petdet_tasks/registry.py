@@ -3,12 +3,18 @@
 The pointer names the production model and the metrics it was promoted on::
 
     {"schema": 1, "model_uri": ..., "model_fingerprint": ..., "evaluation_uri": ...,
+     "evaluated_on": {"tfrecords": <fp>, "split": "val"},
      "metric": "mAP", "value": 0.412, "metrics": {...}, "promoted_at": "...+00:00",
-     "run_id": ..., "previous": {"model_uri": ..., "model_fingerprint": ..., "value": ...}}
+     "run_id": ..., "previous": {"model_uri": ..., "model_fingerprint": ..., "value": ...,
+                                 "evaluation_uri": ...}}
 
 :func:`promote` compares a candidate with the current champion (higher is better): the first
 model is always promoted; later ones only when strictly better *and* better by at least
-``margin``. The pointer is replaced with a compare-and-swap on its ETag (created with a
+``margin``. Both numbers must come from the same evaluation set: when the champion was
+measured on other records or another split (``evaluated_on``: last week's records, before
+extra data was added), ``rescore`` measures it on the candidate's set first, and without one
+the promotion is refused. A number measured on other images says nothing about which model
+is better. The pointer is replaced with a compare-and-swap on its ETag (created with a
 create-only put), so two runs promoting at once cannot lose an update: the loser gets
 :class:`~petdet_tasks.store.PreconditionFailed`, re-reads the pointer and decides again
 against the champion that is really there now. A pointer is always written whole (the JSON is
@@ -22,12 +28,12 @@ import json
 import logging
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from petdet_tasks.errors import PermanentError
-from petdet_tasks.layout import PRODUCTION_POINTER, split_output_uri
+from petdet_tasks.layout import PRODUCTION_POINTER, split_output_uri, step_prefix
 from petdet_tasks.store import NotFound, PreconditionFailed, Store
 
 log = logging.getLogger(__name__)
@@ -61,6 +67,10 @@ class Decision:
     candidate_model: str  # model URI
     production_model: str | None  # the model it was compared with
     pointer: dict | None  # the production.json content after the decision
+    # the evaluation production's number comes from: the pointer's, or production measured
+    # again on the candidate's evaluation set (``rescore``); None: no production yet
+    production_evaluation: str | None = None
+    already_production: bool = False  # the candidate is production already: nothing written
 
     def to_json(self) -> dict:
         """Plain JSON (the pointer included)."""
@@ -84,6 +94,20 @@ def _fmt(x: float) -> str:
 
 def _pointer_uri(store: Store) -> str:
     return store.uri(PRODUCTION_POINTER)
+
+
+def production_model_uri(store: Store, pointer: Mapping) -> str:
+    """The production model's URI in this store, from its fingerprint. The pointer's
+    ``model_uri`` is where it was promoted: a store restored elsewhere, or a bucket reached
+    through another root, holds the same ``models/<fingerprint>`` under a different root."""
+    return store.uri(step_prefix("export", pointer["model_fingerprint"]).rstrip("/"))
+
+
+def describe_set(evaluated_on: Mapping | None) -> str:
+    """An evaluation set as people read it: ``the 'val' split of tfrecords/<fp>``."""
+    if not evaluated_on:
+        return "an evaluation set it does not record (promoted before sets were recorded)"
+    return f"the {evaluated_on.get('split')!r} split of tfrecords/{evaluated_on.get('tfrecords')}"
 
 
 def read_production(store: Store) -> tuple[dict | None, str | None]:
@@ -158,9 +182,15 @@ def _encode(pointer: dict) -> bytes:
     return (json.dumps(pointer, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
+# production's evaluation on the candidate's set: pointer → (evaluation URI, its metrics)
+Rescore = Callable[[dict], tuple[str, Mapping[str, float | None]]]
+
+
 def promote(store: Store, *, model_uri: str, model_fingerprint: str, evaluation_uri: str,
             metrics: Mapping[str, float | None], metric: str = "mAP", margin: float = 0.0,
-            run_id: str | None = None, max_attempts: int = 20) -> Decision:
+            run_id: str | None = None, max_attempts: int = 20,
+            evaluated_on: Mapping[str, str] | None = None,
+            rescore: Rescore | None = None) -> Decision:
     """Make the model production if it beats the current one on ``metric`` (module doc).
 
     Promoted when there is no production model yet, or when ``candidate > production`` and
@@ -170,9 +200,15 @@ def promote(store: Store, *, model_uri: str, model_fingerprint: str, evaluation_
     write, the decision is taken again against the new champion, at most ``max_attempts``
     times (then RuntimeError).
 
+    ``evaluated_on`` names the candidate's evaluation set (``{"tfrecords": fp, "split": s}``).
+    When given and production's pointer records another set (or none), production's number is
+    taken from ``rescore(pointer)`` (its evaluation on the candidate's set), and without
+    ``rescore`` the promotion is refused. Without ``evaluated_on`` the numbers are compared as
+    given (the caller vouches that they are comparable).
+
     :raises RegistryError: ``metric`` is not a finite number in ``metrics``, ``margin`` is
-        negative or not finite, the pointer is invalid, or production has no value for
-        ``metric``.
+        negative or not finite, the pointer is invalid, production has no value for
+        ``metric``, or production was measured on another set and there is no ``rescore``.
     """
     numeric = {k: v for k, v in ((k, _number(v)) for k, v in metrics.items()) if v is not None}
     if metric not in numeric:
@@ -200,22 +236,50 @@ def promote(store: Store, *, model_uri: str, model_fingerprint: str, evaluation_
             f"{uri_fp!r} in model_uri {model_uri}")
     safe_metrics = _json_metrics(metrics)
 
+    production_evaluation: str | None = None
+
     def decided(promoted: bool, reason: str, production: float | None,
-                production_model: str | None, pointer: dict | None) -> Decision:
+                production_model: str | None, pointer: dict | None,
+                already: bool = False) -> Decision:
         log.info("candidate %s (run %s): %s", model_uri, run_id, reason)
         return Decision(promoted=promoted, reason=reason, metric=metric, candidate=candidate,
                         production=production, margin=margin, candidate_model=model_uri,
-                        production_model=production_model, pointer=pointer)
+                        production_model=production_model, pointer=pointer,
+                        production_evaluation=production_evaluation,
+                        already_production=already)
+
+    def production_number(pointer: dict) -> tuple[float, str, str]:
+        """(production's value, the evaluation it comes from, how the reason names it)."""
+        if evaluated_on is None or pointer.get("evaluated_on") == dict(evaluated_on):
+            return (_production_value(store, pointer, metric), pointer.get("evaluation_uri"),
+                    f"model {pointer['model_uri']}")
+        if rescore is None:
+            raise RegistryError(
+                f"cannot compare: production model {pointer['model_uri']} was measured on "
+                f"{describe_set(pointer.get('evaluated_on'))}, this candidate on "
+                f"{describe_set(evaluated_on)}; evaluate production on the candidate's set "
+                "first (numbers from different images say nothing about which is better)")
+        log.info("production model %s was measured on %s; measuring it on %s, the candidate's "
+                 "set", pointer["model_uri"], describe_set(pointer.get("evaluated_on")),
+                 describe_set(evaluated_on))
+        where, theirs = rescore(pointer)
+        value = _number(theirs.get(metric))
+        if value is None:
+            raise RegistryError(f"production's evaluation {where} on the candidate's set has no "
+                                f"finite {metric!r} ({theirs.get(metric)!r})")
+        return (value, where, f"model {pointer['model_uri']}, measured again on "
+                f"{describe_set(evaluated_on)}")
 
     pointer, etag = read_production(store)
     for _attempt in range(max_attempts):
         if pointer is None:
-            production = None
+            production = production_evaluation = None
             previous = None
             reason = (f"promoted: {metric} {_fmt(candidate)} is the first production model "
                       "(no production model yet)")
         else:
             if pointer["model_fingerprint"] == model_fingerprint:
+                production_evaluation = pointer.get("evaluation_uri")
                 value = _number(pointer["metrics"].get(metric))
                 if pointer["metric"] == metric:
                     value = float(pointer["value"])
@@ -224,9 +288,9 @@ def promote(store: Store, *, model_uri: str, model_fingerprint: str, evaluation_
                     f"already in production: model {pointer['model_uri']} is production "
                     f"({pointer['metric']} {_fmt(float(pointer['value']))}; this evaluation "
                     f"{metric} {_fmt(candidate)}); nothing written",
-                    value, pointer["model_uri"], pointer)
-            production = _production_value(store, pointer, metric)
-            champion = f"production {_fmt(production)} (model {pointer['model_uri']})"
+                    value, pointer["model_uri"], pointer, already=True)
+            production, production_evaluation, named = production_number(pointer)
+            champion = f"production {_fmt(production)} ({named})"
             gain = candidate - production
             enough = gain >= margin or math.isclose(gain, margin, rel_tol=1e-9, abs_tol=1e-12)
             if candidate == production:
@@ -243,7 +307,7 @@ def promote(store: Store, *, model_uri: str, model_fingerprint: str, evaluation_
                                production, pointer["model_uri"], pointer)
             previous = {"model_uri": pointer["model_uri"],
                         "model_fingerprint": pointer["model_fingerprint"],
-                        "value": production}
+                        "value": production, "evaluation_uri": production_evaluation}
             reason = (f"promoted: {metric} {_fmt(candidate)} beats {champion} by {_fmt(gain)} "
                       f">= margin {_fmt(margin)}")
 
@@ -252,6 +316,7 @@ def promote(store: Store, *, model_uri: str, model_fingerprint: str, evaluation_
             "model_uri": model_uri,
             "model_fingerprint": model_fingerprint,
             "evaluation_uri": evaluation_uri,
+            "evaluated_on": None if evaluated_on is None else dict(evaluated_on),
             "metric": metric,
             "value": candidate,
             "metrics": safe_metrics,

@@ -324,15 +324,48 @@ class EvaluateModelOperator(PetdetOperator):
         return result.to_xcom()
 
 
+class EvaluateProductionOperator(PetdetOperator):
+    """The production model's evaluation on these records' split, run beside the candidate's:
+    a promotion compares the two on the same images, and then finds this one cached. Returns
+    the evaluation's result (a cache hit when production was already measured on this set),
+    or ``{"uri": None, "reason": ...}`` when there is no production model yet.
+
+    :param tfrecords_uri: the tfrecords step's output URI (this run's records). (templated)
+    :param split: the split evaluated (default ``val``, as the candidate's). (templated)
+    :param force: evaluate again even if the output is complete. (templated)
+    """
+
+    template_fields = (*PetdetOperator.template_fields, "tfrecords_uri", "split", "force")
+
+    def __init__(self, *, tfrecords_uri: str, split: str = "val", force: bool | str = False,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tfrecords_uri = tfrecords_uri
+        self.split = split
+        self.force = force
+
+    def execute_step(self, context) -> dict:
+        from petdet_tasks.evaluate import EvalConfig, evaluate_production
+
+        result = evaluate_production(self.get_store(), str(self.tfrecords_uri),
+                                     EvalConfig(split=str(self.split)),
+                                     run_id=context.get("run_id"), force=_as_bool(self.force))
+        if result is None:
+            return {"uri": None, "reason": "no production model yet: nothing to compare with"}
+        return result.to_xcom()
+
+
 class PromoteModelOperator(PetdetOperator):
     """Make the evaluated model production (``registry/production.json``) when its ``metric``
-    beats production's by at least ``margin`` (the first model always). The pointer is
+    beats production's by at least ``margin`` (the first model always), both measured on the
+    same records and split (production is evaluated on the candidate's set first when it was
+    promoted on another: :class:`EvaluateProductionOperator` does that ahead). The pointer is
     replaced by compare-and-swap: two runs promoting at once end with one winner. The decision
     with both numbers is logged, returned (XCom) and recorded beside the evaluation.
 
     :param evaluation_uri: the evaluate step's output URI. (templated)
-    :param metric: metric compared (``mAP``, ``mAP@.5``, ``mAP@.75``, ``recall@100``, ...).
-        (templated)
+    :param metric: metric compared, one of ``petdet_tasks.evaluate.QUALITY_METRICS``
+        (``mAP``, ``mAP@.5``, ``mAP@.75``, ``recall@100``, ...). (templated)
     :param margin: required improvement over production. (templated)
     :param skip_downstream_if_not_promoted: when the model is not promoted, mark this task
         skipped so the tasks after it (detection) are skipped too; the decision is still

@@ -81,13 +81,18 @@ def dag():
 
 def test_retrain_dag_structure(dag):
     assert sorted(dag.task_ids) == ["detect_gather", "detect_plan", "detect_shards",
-                                    "download", "evaluate", "export", "promote",
-                                    "tfrecords_gather", "tfrecords_plan", "tfrecords_shards",
-                                    "train"]
+                                    "download", "evaluate", "evaluate_production", "export",
+                                    "promote", "tfrecords_gather", "tfrecords_plan",
+                                    "tfrecords_shards", "train"]
     chain = ["train", "export", "evaluate", "promote", "detect_plan", "detect_shards",
              "detect_gather"]
     for up, down in zip(chain, chain[1:], strict=False):
-        assert dag.get_task(down).upstream_task_ids == {up}, down
+        if down != "promote":
+            assert dag.get_task(down).upstream_task_ids == {up}, down
+    # production is measured on this run's records beside the candidate (needs no model of
+    # this run: it can run while training does), and promote compares the two
+    assert dag.get_task("evaluate_production").upstream_task_ids == {"tfrecords_gather"}
+    assert dag.get_task("promote").upstream_task_ids == {"evaluate", "evaluate_production"}
     assert dag.get_task("detect_shards").is_mapped
     train = dag.get_task("train")
     assert train.upstream_task_ids == {"tfrecords_gather"}

@@ -125,6 +125,8 @@ def test_dag_test_runs_the_pipeline_into_s3_then_hits_the_cache(airflow_db, seaw
         pointer = json.loads(store.read_text("registry/production.json"))
         assert pointer["model_uri"] == model["uri"]
         assert pointer["evaluation_uri"] == evaluation["uri"]
+        assert pointer["evaluated_on"] == {"tfrecords": tfr["fingerprint"], "split": "val"}
+        assert _xcom(run1, "evaluate_production")["uri"] is None  # no production model yet
         assert _xcom(run1, "detect_plan", key="plan")["model_uri"] == model["uri"]
         detected = _xcom(run1, "detect_gather")
         assert detected["cache_hit"] is False
@@ -152,6 +154,10 @@ def test_dag_test_runs_the_pipeline_into_s3_then_hits_the_cache(airflow_db, seaw
             assert [x["cache_hit"] for x in _mapped_xcoms(run2, task_id, 2)] == [True] * 2
         assert [x["images"] for x in _mapped_xcoms(run2, "detect_shards", 2)] == [0, 0]
         assert "already in production" in _xcom(run2, "promote")["reason"]
+        # production on this run's records: the same records, so its own evaluation
+        production_eval = _xcom(run2, "evaluate_production")
+        assert production_eval["cache_hit"] is True
+        assert production_eval["uri"] == evaluation["uri"]
 
         # a new model that must beat production by 1.0 mAP: not promoted, and with
         # skip_detection_if_not_promoted the run ends at promote
@@ -164,6 +170,7 @@ def test_dag_test_runs_the_pipeline_into_s3_then_hits_the_cache(airflow_db, seaw
         decision3 = _xcom(run3, "promote", key="decision")
         assert decision3["promoted"] is False
         assert decision3["reason"].startswith("not promoted")
+        assert decision3["production_evaluation"] == evaluation["uri"]  # the same records
         assert json.loads(store.read_text("registry/production.json")) == pointer
 
     # force reaches detection: the detection tasks alone, forced, on the same production model

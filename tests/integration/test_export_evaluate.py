@@ -349,6 +349,12 @@ def test_cli_export_evaluate_promote(trained, exported):
                           trained.store.root, "--evaluation", ev["uri"], "--metric", "nope"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "nope" in bad.stderr  # 2: a retry would fail the same way
+    on_train = cli("evaluate", "--model", model["uri"], "--tfrecords", trained.records.uri,
+                   "--split", "train", "--cache-dir", str(trained.work / "cache"))
+    refused = subprocess.run([sys.executable, "-m", "petdet_tasks", "promote", "--store",
+                              trained.store.root, "--evaluation", on_train["uri"]],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "which models are fitted on" in refused.stderr
 
 
 def test_the_model_is_named_by_the_weights_it_serves(trained, exported):
@@ -387,3 +393,73 @@ def test_forcing_the_production_model_to_rebuild_is_refused(trained, exported):
     with pytest.raises(ExportError, match="refusing to force-rebuild .* production model"):
         export(store, trained.training.uri, cache_dir=trained.work / "cache", force=True)
     assert read_manifest(store, step_prefix("export", result.fingerprint)) == result.manifest
+
+
+def test_promotion_compares_models_on_the_same_records_and_split(trained, exported):
+    """The champion was promoted on one set of records; the candidate is evaluated on new ones
+    (here: the same dataset in 3 shards, another fingerprint). Production is measured on the
+    candidate's set before the numbers are compared, and that evaluation is an ordinary cached
+    one (what the DAG's evaluate_production task finds)."""
+    from petdet_tasks.evaluate import evaluate_production
+    from petdet_tasks.tfrecords import TFRecordConfig, build
+
+    champion, _, _ = exported
+    store, cache = trained.store, trained.work / "cache"
+    ev_a = evaluate(store, champion.uri, trained.records.uri, cache_dir=cache)
+    promote_evaluated(store, ev_a.uri, metric="mAP@.5", run_id="manual__a")
+    pointer, _ = read_production(store)
+    assert pointer["model_fingerprint"] == champion.fingerprint
+    records_2 = build(store, trained.dataset.uri, TFRecordConfig(
+        num_shards=3, classes="present", max_quarantine_fraction=0.1), workers=1)
+    assert records_2.fingerprint != trained.records.fingerprint
+    candidate = export(store, trained.training.uri, ExportConfig(score_threshold=0.01),
+                       cache_dir=cache)
+    assert candidate.fingerprint != champion.fingerprint
+    ev_b = evaluate(store, candidate.uri, records_2.uri, cache_dir=cache)
+
+    decision = promote_evaluated(store, ev_b.uri, metric="mAP@.5", run_id="manual__b",
+                                 cache_dir=cache)
+    a_on_2 = evaluate(store, champion.uri, records_2.uri, cache_dir=cache)
+    assert a_on_2.cache_hit, "promote evaluated production on the candidate's records"
+    assert decision["production_evaluation"] == a_on_2.uri
+    assert decision["production"] == read_metrics(store, a_on_2.uri)[1]["mAP@.5"]
+    assert decision["evaluated_on"] == {"tfrecords": records_2.fingerprint, "split": "val"}
+    assert f"measured again on the 'val' split of tfrecords/{records_2.fingerprint}" in (
+        decision["reason"])
+    now, _ = read_production(store)
+    if decision["promoted"]:
+        assert now["evaluated_on"] == decision["evaluated_on"]
+        assert now["previous"]["evaluation_uri"] == a_on_2.uri
+    else:
+        assert now == pointer
+    # the DAG's evaluate_production: production on these records, already there
+    again = evaluate_production(store, records_2.uri, cache_dir=cache)
+    assert again.cache_hit
+    assert again.manifest["inputs"] == {"model": now["model_fingerprint"],
+                                        "tfrecords": records_2.fingerprint}
+
+
+def test_promotion_refuses_the_train_split_and_counts(trained, exported):
+    """An audit promoted a model whose only merit was being scored on the images it was fitted
+    on (train 0.0503 against production's val 0.0495; on val the two tied)."""
+    from petdet_tasks.registry import RegistryError
+
+    result, _, _ = exported
+    store = trained.store
+    on_train = evaluate(store, result.uri, trained.records.uri, EvalConfig(split="train"),
+                        cache_dir=trained.work / "cache")
+    before = store.get_bytes(PRODUCTION_POINTER) if read_production(store)[0] else None
+    with pytest.raises(RegistryError, match="measured the 'train' split, which models are "
+                                            "fitted on"):
+        promote_evaluated(store, on_train.uri)
+    ev = evaluate(store, result.uri, trained.records.uri, cache_dir=trained.work / "cache")
+    for count in ("images", "detections", "groundtruth_boxes"):
+        with pytest.raises(RegistryError, match=f"cannot promote on '{count}': promotion "
+                                                "compares a quality metric"):
+            promote_evaluated(store, ev.uri, metric=count)
+    _, metrics = read_metrics(store, ev.uri)
+    undefined = [k for k in ("mAP_small", "mAP_medium", "mAP_large") if metrics[k] is None]
+    for k in undefined:  # tiny synthetic pets: no small boxes at least
+        with pytest.raises(RegistryError, match=f"cannot promote on '{k}': it is undefined"):
+            promote_evaluated(store, ev.uri, metric=k)
+    assert (store.get_bytes(PRODUCTION_POINTER) if read_production(store)[0] else None) == before

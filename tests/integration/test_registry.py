@@ -89,6 +89,7 @@ def test_first_model_is_always_promoted(store, caplog):
         "model_uri": store.uri(f"models/{fp}"),
         "model_fingerprint": fp,
         "evaluation_uri": store.uri(f"evaluations/{_fp('eval-a')}"),
+        "evaluated_on": None,  # the caller named no evaluation set
         "metric": "mAP",
         "value": 0.1,
         "metrics": {"mAP": 0.1, "AR@100": 0.25, "loss": None},
@@ -117,7 +118,9 @@ def test_better_by_margin_is_promoted_and_previous_filled(store, caplog, margin)
     assert pointer == d.pointer
     assert pointer["model_fingerprint"] == _fp("new") and pointer["value"] == 0.412
     assert pointer["previous"] == {"model_uri": store.uri(f"models/{_fp('old')}"),
-                                   "model_fingerprint": _fp("old"), "value": 0.398}
+                                   "model_fingerprint": _fp("old"), "value": 0.398,
+                                   "evaluation_uri": store.uri(f"evaluations/{_fp('eval-old')}")}
+    assert d.production_evaluation == pointer["previous"]["evaluation_uri"]
     assert any("0.412" in r.getMessage() and "0.398" in r.getMessage()
                for r in caplog.records if r.levelno == logging.INFO)
 
@@ -240,7 +243,8 @@ def test_lost_race_then_still_better_keeps_history(store):
     pointer, _ = _pointer(store)
     assert pointer["model_fingerprint"] == _fp("c")
     assert pointer["previous"] == {"model_uri": store.uri(f"models/{_fp('b')}"),
-                                   "model_fingerprint": _fp("b"), "value": 0.41}
+                                   "model_fingerprint": _fp("b"), "value": 0.41,
+                                   "evaluation_uri": store.uri(f"evaluations/{_fp('eval-b')}")}
 
 
 def test_lost_race_on_the_first_promotion(store):
@@ -326,3 +330,89 @@ def test_pointer_keeps_only_json_safe_metrics(store):
     assert d.promoted and math.isclose(d.candidate, 0.25)
     pointer, _ = _pointer(store)
     assert pointer["metrics"] == {"mAP": 0.25, "AR@1": None, "n": 3.0}
+
+
+# --- the same evaluation set ------------------------------------------------------------------
+
+LAST_WEEK = {"tfrecords": _fp("records-1"), "split": "val"}
+THIS_WEEK = {"tfrecords": _fp("records-2"), "split": "val"}
+
+
+def _rescorer(values: dict[str, float]):
+    """A rescore that 'evaluates' production on the candidate's set: ``values`` by model
+    fingerprint; the calls are recorded."""
+    calls = []
+
+    def rescore(pointer):
+        calls.append(pointer["model_fingerprint"])
+        where = f"evaluations/{_fp('again-' + pointer['model_fingerprint'])}"
+        return where, {"mAP": values[pointer["model_fingerprint"]], "AR@100": 0.5}
+    return rescore, calls
+
+
+def test_production_measured_on_other_records_is_measured_again_before_comparing(store):
+    """Last week's champion scored 0.50 on last week's records; on this week's (new labelled
+    data) it scores 0.30. A candidate with 0.40 this week is better, though 0.40 < 0.50."""
+    _promote(store, "a", 0.50, evaluated_on=LAST_WEEK)
+    rescore, calls = _rescorer({_fp("a"): 0.30})
+    d = _promote(store, "b", 0.40, evaluated_on=THIS_WEEK, rescore=rescore)
+    assert calls == [_fp("a")]
+    assert d.promoted and d.production == 0.30
+    assert d.production_evaluation == f"evaluations/{_fp('again-' + _fp('a'))}"
+    assert "measured again on the 'val' split of tfrecords/" + THIS_WEEK["tfrecords"] in d.reason
+    pointer, _ = _pointer(store)
+    assert pointer["evaluated_on"] == THIS_WEEK and pointer["value"] == 0.40
+    assert pointer["previous"] == {"model_uri": store.uri(f"models/{_fp('a')}"),
+                                   "model_fingerprint": _fp("a"), "value": 0.30,
+                                   "evaluation_uri": d.production_evaluation}
+    # ... and the other way: the champion is better on the new set, though its old number
+    # was lower than the candidate's
+    rescore, calls = _rescorer({_fp("b"): 0.45})
+    d = _promote(store, "c", 0.42, evaluated_on=LAST_WEEK, rescore=rescore)
+    assert calls == [_fp("b")] and not d.promoted and d.production == 0.45
+    assert "worse than production 0.45" in d.reason
+
+
+def test_production_measured_on_the_same_set_is_not_measured_again(store):
+    _promote(store, "a", 0.50, evaluated_on=THIS_WEEK)
+    rescore, calls = _rescorer({})
+    d = _promote(store, "b", 0.55, evaluated_on=THIS_WEEK, rescore=rescore)
+    assert calls == [] and d.promoted and d.production == 0.50
+    assert d.production_evaluation == store.uri(f"evaluations/{_fp('eval-a')}")
+
+
+def test_an_unrecorded_set_is_another_set(store):
+    """A pointer written before evaluation sets were recorded names none: production is
+    measured again rather than trusted."""
+    _promote(store, "a", 0.50)
+    assert _pointer(store)[0]["evaluated_on"] is None
+    rescore, calls = _rescorer({_fp("a"): 0.60})
+    d = _promote(store, "b", 0.55, evaluated_on=THIS_WEEK, rescore=rescore)
+    assert calls == [_fp("a")] and not d.promoted
+
+
+def test_without_a_rescore_different_sets_are_refused(store):
+    _promote(store, "a", 0.50, evaluated_on=LAST_WEEK)
+    before = _pointer(store)
+    with pytest.raises(RegistryError, match=(
+            r"cannot compare: production model .* was measured on the 'val' split of "
+            rf"tfrecords/{LAST_WEEK['tfrecords']}, this candidate on the 'val' split of "
+            rf"tfrecords/{THIS_WEEK['tfrecords']}")):
+        _promote(store, "b", 0.90, evaluated_on=THIS_WEEK)
+    assert _pointer(store) == before
+
+
+def test_a_rescore_without_the_metric_is_an_error(store):
+    _promote(store, "a", 0.50, evaluated_on=LAST_WEEK)
+    with pytest.raises(RegistryError, match="on the candidate's set has no finite 'mAP'"):
+        _promote(store, "b", 0.90, evaluated_on=THIS_WEEK,
+                 rescore=lambda pointer: ("evaluations/x", {"mAP": None}))
+
+
+def test_production_model_uri_is_found_by_fingerprint_in_this_store(store):
+    """A store restored under another root: the pointer's model_uri names the old root."""
+    from petdet_tasks.registry import production_model_uri
+
+    pointer = {"model_uri": "s3://old-bucket/petdet/models/" + _fp("a"),
+               "model_fingerprint": _fp("a")}
+    assert production_model_uri(store, pointer) == store.uri(f"models/{_fp('a')}")
