@@ -114,13 +114,34 @@ def _cmd_make_preset(args) -> dict:
             "image_size": args.image_size}
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, lo: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < lo:
+        raise argparse.ArgumentTypeError(f"must be at least {lo}, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _image_size(text: str) -> int:
+    """A size training accepts (train_config's rule), refused here rather than by the first
+    training run on the preset."""
+    from petdet_tasks.train_config import IMAGE_SIZE_MAX, IMAGE_SIZE_MIN, IMAGE_SIZE_MULTIPLE
+
+    value = _int_at_least(text, 1)
+    if not IMAGE_SIZE_MIN <= value <= IMAGE_SIZE_MAX or value % IMAGE_SIZE_MULTIPLE:
+        raise argparse.ArgumentTypeError(
+            f"expected a multiple of {IMAGE_SIZE_MULTIPLE} in [{IMAGE_SIZE_MIN}, "
+            f"{IMAGE_SIZE_MAX}], got {value}")
     return value
 
 
@@ -256,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--arch", choices=["tiny", "resnet18", "resnet50"], default="tiny")
     m.add_argument("--num-classes", type=_positive_int, default=5,
                    help="its class head (training swaps it for the records' label map)")
-    m.add_argument("--image-size", type=_positive_int, default=128)
-    m.add_argument("--train-steps", type=int, default=2,
+    m.add_argument("--image-size", type=_image_size, default=128)
+    m.add_argument("--train-steps", type=_non_negative_int, default=2,
                    help="steps on random boxes, so its weights are not the initial ones")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=_cmd_make_preset)

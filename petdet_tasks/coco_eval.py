@@ -38,12 +38,20 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from petdet_tasks.errors import PermanentError
+
 __all__ = ["coco_metrics", "format_table"]
 
 log = logging.getLogger(__name__)
 
 # pycocotools' area ranges, in the order of COCOeval.params.areaRngLbl.
 _AREA_INDEX = {"all": 0, "small": 1, "medium": 2, "large": 3}
+
+
+class EvalInputError(PermanentError, ValueError):
+    """Ground truth, detections or classes that cannot be scored as given (a box with ymin >
+    ymax, an unknown class id, an image twice, ...): the same records and model give the same
+    inputs again, so a retry cannot mend it."""
 
 
 @dataclass(frozen=True)
@@ -62,9 +70,9 @@ def _positive_int(value: Any, what: str) -> int:
     try:
         number = operator.index(value)
     except TypeError:
-        raise ValueError(f"{what} must be an integer, got {value!r}") from None
+        raise EvalInputError(f"{what} must be an integer, got {value!r}") from None
     if number <= 0:
-        raise ValueError(f"{what} must be positive, got {number}")
+        raise EvalInputError(f"{what} must be positive, got {number}")
     return number
 
 
@@ -72,7 +80,7 @@ def _class_ids(values: Any, what: str) -> list[int]:
     """Integer class ids; integral floats (the OD API's ``detection_classes``) are accepted."""
     array = np.asarray(values if values is not None else [], dtype=np.float64).reshape(-1)
     if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
-        raise ValueError(f"{what}: class ids must be integers, got {array.tolist()}")
+        raise EvalInputError(f"{what}: class ids must be integers, got {array.tolist()}")
     return [int(v) for v in array]
 
 
@@ -82,14 +90,14 @@ def _pixel_boxes(values: Any, width: int, height: int, what: str) -> np.ndarray:
     if boxes.size == 0:
         return np.zeros((0, 4), dtype=np.float64)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"{what}: boxes must be [ymin, xmin, ymax, xmax] rows, "
+        raise EvalInputError(f"{what}: boxes must be [ymin, xmin, ymax, xmax] rows, "
                          f"got shape {boxes.shape}")
     if not np.all(np.isfinite(boxes)):
-        raise ValueError(f"{what}: boxes contain non-finite values")
+        raise EvalInputError(f"{what}: boxes contain non-finite values")
     inverted = np.flatnonzero((boxes[:, 0] > boxes[:, 2]) | (boxes[:, 1] > boxes[:, 3]))
     if inverted.size:
         i = int(inverted[0])
-        raise ValueError(f"{what}: box {i} has ymin > ymax or xmin > xmax: {boxes[i].tolist()}")
+        raise EvalInputError(f"{what}: box {i} has ymin > ymax or xmin > xmax: {boxes[i].tolist()}")
     ymin, xmin, ymax, xmax = np.clip(boxes, 0.0, 1.0).T
     return np.stack(
         [xmin * width, ymin * height, (xmax - xmin) * width, (ymax - ymin) * height], axis=1
@@ -102,19 +110,19 @@ def _check_classes(classes: Mapping[int, str]) -> dict[int, str]:
     for raw_id, name in classes.items():
         class_id = _positive_int(raw_id, "class id")
         if class_id in checked:
-            raise ValueError(f"class id {class_id} appears twice in classes")
+            raise EvalInputError(f"class id {class_id} appears twice in classes")
         checked[class_id] = str(name)
     names = list(checked.values())
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
-        raise ValueError(f"class names must be unique, repeated: {duplicated}")
+        raise EvalInputError(f"class names must be unique, repeated: {duplicated}")
     return dict(sorted(checked.items()))
 
 
 def _unknown_class(class_ids: list[int], classes: Mapping[int, str], what: str) -> None:
     unknown = sorted(set(class_ids) - set(classes))
     if unknown:
-        raise ValueError(f"{what}: class id {unknown[0]} is not in the label map")
+        raise EvalInputError(f"{what}: class id {unknown[0]} is not in the label map")
 
 
 def _read_groundtruth(
@@ -125,13 +133,13 @@ def _read_groundtruth(
         key = entry["image_id"]
         what = f"groundtruth image {key!r}"
         if key in images:
-            raise ValueError(f"{what} appears more than once")
+            raise EvalInputError(f"{what} appears more than once")
         width = _positive_int(entry["width"], f"{what}: width")
         height = _positive_int(entry["height"], f"{what}: height")
         boxes = _pixel_boxes(entry.get("boxes"), width, height, what)
         labels = _class_ids(entry.get("labels"), what)
         if len(labels) != len(boxes):
-            raise ValueError(f"{what}: {len(boxes)} boxes but {len(labels)} labels")
+            raise EvalInputError(f"{what}: {len(boxes)} boxes but {len(labels)} labels")
         _unknown_class(labels, classes, what)
         images[key] = _Image(key, len(images) + 1, width, height, boxes, labels)
     return images
@@ -150,19 +158,19 @@ def _read_detections(
         key = entry["image_id"]
         what = f"detections for image {key!r}"
         if key not in images:
-            raise ValueError(f"{what}: image is not in the ground truth")
+            raise EvalInputError(f"{what}: image is not in the ground truth")
         if key in seen:
-            raise ValueError(f"{what} appear more than once")
+            raise EvalInputError(f"{what} appear more than once")
         seen.add(key)
         image = images[key]
         boxes = _pixel_boxes(entry.get("boxes"), image.width, image.height, what)
         scores = np.asarray(entry.get("scores", []), dtype=np.float64).reshape(-1)
         labels = _class_ids(entry.get("classes"), what)
         if not len(boxes) == len(scores) == len(labels):
-            raise ValueError(f"{what}: lengths differ: {len(boxes)} boxes, {len(scores)} scores, "
-                             f"{len(labels)} classes")
+            raise EvalInputError(f"{what}: lengths differ: {len(boxes)} boxes, "
+                                 f"{len(scores)} scores, {len(labels)} classes")
         if not np.all(np.isfinite(scores)):
-            raise ValueError(f"{what}: scores contain non-finite values")
+            raise EvalInputError(f"{what}: scores contain non-finite values")
         _unknown_class(labels, classes, what)
         order = np.argsort(-scores, kind="stable")[:max_detections]
         for i in order:

@@ -32,6 +32,22 @@ def test_make_preset_writes_a_preset_training_can_start_from(tmp_path, capsys):
     assert detector.num_classes == 6  # the class head swapped for the records' label map
 
 
+def test_make_preset_refuses_what_training_would_refuse(tmp_path, capsys):
+    """An image size training cannot use, or negative steps, wrote a preset and exited 0."""
+    import pytest
+
+    for args, words in ((["--image-size", "17"], "expected a multiple of 32 in [64, 1536], "
+                                                 "got 17"),
+                        (["--image-size", "100"], "expected a multiple of 32"),
+                        (["--image-size", "2048"], "expected a multiple of 32"),
+                        (["--train-steps", "-3"], "must be at least 0, got -3")):
+        with pytest.raises(SystemExit) as e:
+            main(["make-preset", str(tmp_path / "preset"), *args])
+        assert e.value.code == 2, args
+        assert words in capsys.readouterr().err, args
+    assert not (tmp_path / "preset").exists()
+
+
 def _weed_pids(data_dir: Path) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():

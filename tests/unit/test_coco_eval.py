@@ -342,6 +342,17 @@ def test_unknown_groundtruth_label_raises():
         coco_metrics([gt("img", [px(0, 0, 10, 10)], [9])], [], CLASSES)
 
 
+def test_unscorable_inputs_are_permanent_errors():
+    """The evaluate task fails at once on them: the same records and model give the same
+    inputs again, so Airflow's retries could not help."""
+    from petdet_tasks.coco_eval import EvalInputError
+    from petdet_tasks.errors import PermanentError
+
+    with pytest.raises(EvalInputError, match="class id 9") as e:
+        coco_metrics([gt("img", [px(0, 0, 10, 10)], [9])], [], CLASSES)
+    assert isinstance(e.value, PermanentError) and isinstance(e.value, ValueError)
+
+
 @pytest.mark.parametrize(
     ("boxes", "scores", "classes"),
     [([px(0, 0, 10, 10)], [0.9, 0.8], [1]), ([px(0, 0, 10, 10)], [0.9], [1, 2]),
