@@ -104,6 +104,36 @@ def test_records_read_back_with_tf_data(store, dataset, tmp_path):
         assert tuple(img.shape[:2]) == (r["height"], r["width"])
 
 
+def test_records_within_a_shard_mix_the_breeds(store, dataset, tmp_path):
+    """In name order every breed is one run of a shard (the names start with the breed), and a
+    training reader interleaving a few shards drew batches of one or two breeds. The order is
+    a hash of the name: mixed, and the same on every rebuild."""
+    from petdet_tasks.tfrecords import record_order
+
+    uri, _ = dataset
+    result = build(store, uri, TFRecordConfig(**SAMPLE_CFG), workers=1)
+    records = _read_records(store, result, tmp_path)
+    for split in ("train", "val"):
+        shards: dict[str, list[str]] = {}
+        prefix = step_prefix("tfrecords", result.fingerprint)
+        for rel in sorted(result.manifest["files"]):
+            if rel.startswith(split) and rel.endswith(".tfrecord"):
+                local = tmp_path / "order" / rel
+                store.download_file(prefix + rel, local)
+                shards[rel] = [tf.io.parse_single_example(raw, OD_API_SPEC)["image/filename"]
+                               .numpy().decode()[:-4] for raw in tf.data.TFRecordDataset(
+                                   str(local))]
+        examples = {e.name: e for e in plan(store, uri, TFRecordConfig(**SAMPLE_CFG)).examples}
+        for rel, names in shards.items():
+            assert len(names) >= 5, rel
+            assert names != sorted(names), rel
+            assert names == sorted(names, key=lambda n: record_order(examples[n])), rel
+            breeds = [n.rsplit("_", 1)[0] for n in names]
+            runs = 1 + sum(a != b for a, b in zip(breeds, breeds[1:], strict=False))
+            assert runs > len(set(breeds)), (rel, runs)  # name order: one run per breed
+    assert len(records) == result.outputs["train"] + result.outputs["val"]
+
+
 def test_plan_assigns_splits_and_shards_by_the_name_hash(store, dataset):
     from petdet_tasks.tfrecords import shard_of
 
