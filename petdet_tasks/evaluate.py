@@ -6,7 +6,12 @@
   ``val``): mAP@[.5:.95], mAP@.5, mAP@.75, small/medium/large, recall@1/10/100, per-class AP;
   plus the model and records URIs;
 * ``detections.jsonl`` — what the model returned for every evaluated image (key, size, ground
-  truth, detections), so a surprising number can be looked at image by image.
+  truth, detections) and what became of each ground-truth box (``outcome``), so a surprising
+  number can be looked at image by image;
+* in ``metrics.json``, ``analysis`` (:func:`error_analysis`): how many ground-truth boxes the
+  model found with the right class, found as another class, or missed, the breed confusion
+  matrix with the most confused pairs, and the confident detections of nothing. mAP says how
+  good the model is; this says what it gets wrong (for the pets: mostly one breed for another).
 
 What is measured is the *served* model: the SavedModel's ``encoded_image_string_tensor``
 signature fed the records' encoded JPEGs, exactly what a client sends. Ground truth is the
@@ -44,7 +49,12 @@ from petdet_tasks.store import Store
 log = logging.getLogger(__name__)
 
 STEP = "evaluate"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: metrics.json's analysis, detections.jsonl's outcome
+# error_analysis: a box counts as found when a detection overlaps it this much (COCO's AP@.5)
+ANALYSIS_IOU = 0.5
+# ... and a detection of nothing counts as a false alarm from this score (the OD API's
+# visualisation default: what a user drawing the boxes would see)
+ANALYSIS_SCORE = 0.5
 HEADLINE = ("mAP", "mAP@.5", "mAP@.75", "recall@100")
 # the metrics.json numbers a promotion may compare (higher is better); the others are counts
 QUALITY_METRICS = ("mAP", "mAP@.5", "mAP@.75", "mAP_small", "mAP_medium", "mAP_large",
@@ -133,6 +143,7 @@ def _evaluate_body(store: Store, writer: StepWriter, model: StepResult, records:
 
     served = tf.saved_model.load(str(saved_model_dir))
     groundtruth, detections, lines = [], [], []
+    analysis = _Analysis(classes)
     started = time.monotonic()
 
     def flush(batch):
@@ -150,7 +161,8 @@ def _evaluate_body(store: Store, writer: StepWriter, model: StepResult, records:
                                      "groundtruth": {"boxes": gt["boxes"],
                                                      "classes": gt["labels"]},
                                      "detections": {k: det[k] for k in
-                                                    ("boxes", "scores", "classes")}},
+                                                    ("boxes", "scores", "classes")},
+                                     "outcome": analysis.add(gt, det)},
                                     sort_keys=True))
 
     batch = []
@@ -165,9 +177,12 @@ def _evaluate_body(store: Store, writer: StepWriter, model: StepResult, records:
         raise ConfigError(f"the {cfg.split!r} split of {records.uri} has no images")
     seconds = time.monotonic() - started
     metrics = coco_metrics(groundtruth, detections, classes)
-    log.info("evaluated %s on %d %s images of %s in %.1fs (%.1f images/s)\n%s", model.uri,
-             len(groundtruth), cfg.split, records.uri, seconds,
-             len(groundtruth) / max(seconds, 1e-9), format_table(metrics))
+    summary = analysis.summary()
+    log.info("evaluated %s on %d %s images of %s in %.1fs (%.1f images/s)\n%s\n\n%s",
+             model.uri, len(groundtruth), cfg.split, records.uri, seconds,
+             len(groundtruth) / max(seconds, 1e-9), format_table(metrics),
+             format_analysis(summary))
+    metrics = {**metrics, "analysis": summary}
     metrics_doc = {"model_uri": model.uri, "model_fingerprint": model.fingerprint,
                    "tfrecords_uri": records.uri, "tfrecords_fingerprint": records.fingerprint,
                    "split": cfg.split, "signature": SIGNATURE_ENCODED,
@@ -177,6 +192,112 @@ def _evaluate_body(store: Store, writer: StepWriter, model: StepResult, records:
     return {"model_uri": model.uri, "model_fingerprint": model.fingerprint,
             "tfrecords_uri": records.uri, "split": cfg.split, "images": metrics["images"],
             **{k: metrics[k] for k in HEADLINE}}
+
+
+def _iou(box, boxes):
+    """IoU of one ``[ymin, xmin, ymax, xmax]`` box with each of ``boxes`` (normalised
+    coordinates give the same IoU as pixels: both axes scale areas and overlaps alike)."""
+    import numpy as np
+
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    ih = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
+    iw = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
+    inter = ih * iw
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    union = area + areas - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+class _Analysis:
+    """What became of each ground-truth box (:func:`error_analysis`), one image at a time."""
+
+    def __init__(self, classes: dict[int, str]):
+        self.classes = classes
+        self.counts = {"correct": 0, "confused": 0, "missed": 0}
+        self.confusion: dict[str, dict[str, int]] = {}
+        self.false_alarms = 0
+        self.false_alarm_classes: dict[str, int] = {}
+
+    def _name(self, class_id: int) -> str:
+        return self.classes.get(class_id, f"id {class_id}")
+
+    def add(self, gt: dict, det: dict) -> list[dict]:
+        """Each ground-truth box's outcome: the best-scoring detection overlapping it by at
+        least :data:`ANALYSIS_IOU`, of any class, names what the model saw there — the right
+        class (``correct``), another (``confused``), or nothing (``missed``). Detections from
+        :data:`ANALYSIS_SCORE` that overlap no ground truth are counted as false alarms."""
+        import numpy as np
+
+        boxes = np.asarray(det["boxes"], dtype=np.float64).reshape(-1, 4)
+        scores = np.asarray(det["scores"], dtype=np.float64)
+        overlaps_any = np.zeros(len(boxes), dtype=bool)
+        out = []
+        for box, label in zip(gt["boxes"], gt["labels"], strict=True):
+            iou = _iou(np.asarray(box, dtype=np.float64), boxes)
+            near = iou >= ANALYSIS_IOU
+            overlaps_any |= near
+            truth = self._name(label)
+            row = self.confusion.setdefault(truth, {})
+            if not near.any():
+                kind, seen = "missed", "(missed)"
+                out.append({"class": label, "result": kind})
+            else:
+                best = int(np.flatnonzero(near)[np.argmax(scores[near])])
+                predicted = int(det["classes"][best])
+                kind = "correct" if predicted == label else "confused"
+                seen = self._name(predicted)
+                out.append({"class": label, "result": kind, "predicted": predicted,
+                            "score": round(float(scores[best]), 4),
+                            "iou": round(float(iou[best]), 4)})
+            self.counts[kind] += 1
+            row[seen] = row.get(seen, 0) + 1
+        for i in np.flatnonzero(~overlaps_any & (scores >= ANALYSIS_SCORE)):
+            self.false_alarms += 1
+            name = self._name(int(det["classes"][i]))
+            self.false_alarm_classes[name] = self.false_alarm_classes.get(name, 0) + 1
+        return out
+
+    def summary(self) -> dict:
+        boxes = sum(self.counts.values())
+        pairs = sorted(((t, p, n) for t, row in self.confusion.items() for p, n in row.items()
+                        if p not in (t, "(missed)")), key=lambda x: (-x[2], x[0], x[1]))
+        return {
+            "iou": ANALYSIS_IOU, "groundtruth_boxes": boxes, **self.counts,
+            "found_rate": (self.counts["correct"] + self.counts["confused"]) / boxes
+            if boxes else None,
+            "correct_rate": self.counts["correct"] / boxes if boxes else None,
+            "confusion": {t: dict(sorted(row.items())) for t, row in
+                          sorted(self.confusion.items())},
+            "most_confused": [{"truth": t, "predicted": p, "boxes": n} for t, p, n in
+                              pairs[:10]],
+            "false_alarm_score": ANALYSIS_SCORE, "false_alarms": self.false_alarms,
+            "false_alarm_classes": dict(sorted(self.false_alarm_classes.items())),
+        }
+
+
+def error_analysis(groundtruth: list[dict], detections: list[dict],
+                   classes: dict[int, str]) -> tuple[dict, list[list[dict]]]:
+    """(summary, per-image outcomes) of the model's errors: see :meth:`_Analysis.add`.
+    ``groundtruth``/``detections`` as for :func:`petdet_tasks.coco_eval.coco_metrics`, in
+    the same image order, boxes normalised."""
+    analysis = _Analysis(classes)
+    outcomes = [analysis.add(g, d) for g, d in zip(groundtruth, detections, strict=True)]
+    return analysis.summary(), outcomes
+
+
+def format_analysis(summary: dict) -> str:
+    """The analysis as a few log lines."""
+    n = summary["groundtruth_boxes"]
+    lines = [f"what became of the {n} ground-truth boxes (a detection overlapping at IoU >= "
+             f"{summary['iou']}): {summary['correct']} right class, {summary['confused']} "
+             f"another class, {summary['missed']} missed; {summary['false_alarms']} detections "
+             f"of nothing at score >= {summary['false_alarm_score']}"]
+    if summary["most_confused"]:
+        lines.append("most confused: " + "; ".join(
+            f"{c['truth']} seen as {c['predicted']} ({c['boxes']})"
+            for c in summary["most_confused"][:5]))
+    return "\n".join(lines)
 
 
 def eval_classes(model_labels: LabelMap, record_labels: LabelMap, model_uri: str,

@@ -287,7 +287,16 @@ def test_evaluation_measures_the_served_model_and_is_cached(trained, exported):
                             + "detections.jsonl").splitlines()
     assert len(lines) == out["images"]
     first = json.loads(lines[0])
-    assert set(first) == {"image", "width", "height", "groundtruth", "detections"}
+    assert set(first) == {"image", "width", "height", "groundtruth", "detections", "outcome"}
+    # what became of every ground-truth box, image by image and in all
+    analysis = metrics["analysis"]
+    outcomes = [o for line in lines for o in json.loads(line)["outcome"]]
+    assert len(outcomes) == analysis["groundtruth_boxes"] == metrics["groundtruth_boxes"]
+    for kind in ("correct", "confused", "missed"):
+        assert analysis[kind] == sum(o["result"] == kind for o in outcomes), kind
+    assert sum(n for row in analysis["confusion"].values() for n in row.values()) == len(
+        outcomes)
+    assert set(analysis["confusion"]) <= set(labels.names)
     again = evaluate(store, result.uri, trained.records.uri, cache_dir=trained.work / "cache")
     assert again.cache_hit and again.uri == ev.uri
     on_train = evaluate(store, result.uri, trained.records.uri, EvalConfig(split="train"),

@@ -56,3 +56,67 @@ def test_classes_the_model_was_not_trained_on_are_scored_and_listed(caplog):
     # the other way round: the model knows more classes than the records hold
     assert eval_classes(OXFORD, subset, "m", "r") == (
         {1: "Abyssinian", 2: "american_bulldog", 3: "american_pit_bull_terrier"}, [])
+
+
+# --- what the model gets wrong ------------------------------------------------------------------
+
+NAMES = {1: "Abyssinian", 2: "american_bulldog", 3: "american_pit_bull_terrier"}
+
+
+def _gt(boxes, labels):
+    return {"boxes": boxes, "labels": labels}
+
+
+def _det(boxes, scores, classes):
+    return {"boxes": boxes, "scores": scores, "classes": classes}
+
+
+def test_error_analysis_names_what_the_model_saw_at_each_box():
+    from petdet_tasks.evaluate import error_analysis, format_analysis
+
+    head = [0.1, 0.1, 0.5, 0.5]
+    shifted = [0.1, 0.1, 0.5, 0.45]  # IoU 0.875 with head
+    far = [0.6, 0.6, 0.9, 0.9]
+    groundtruth = [
+        _gt([head], [1]),              # found, right breed
+        _gt([head], [2]),              # the best overlapping detection says Abyssinian
+        _gt([head, far], [3, 3]),      # one found, one missed
+        _gt([head], [2]),              # another bulldog seen as an Abyssinian
+    ]
+    detections = [
+        _det([shifted, far], [0.9, 0.3], [1, 2]),  # far, 0.3: below the false-alarm score
+        _det([head, shifted], [0.4, 0.7], [2, 1]),  # the right class scores lower
+        _det([head, [0.0, 0.0, 0.05, 0.05]], [0.6, 0.8], [3, 1]),  # a confident false alarm
+        _det([shifted], [0.55], [1]),
+    ]
+    summary, outcomes = error_analysis(groundtruth, detections, NAMES)
+    assert outcomes[0] == [{"class": 1, "result": "correct", "predicted": 1, "score": 0.9,
+                            "iou": 0.875}]
+    assert outcomes[1][0]["result"] == "confused" and outcomes[1][0]["predicted"] == 1
+    assert [o["result"] for o in outcomes[2]] == ["correct", "missed"]
+    assert outcomes[2][1] == {"class": 3, "result": "missed"}
+    assert summary["groundtruth_boxes"] == 5
+    assert (summary["correct"], summary["confused"], summary["missed"]) == (2, 2, 1)
+    assert summary["found_rate"] == 4 / 5 and summary["correct_rate"] == 2 / 5
+    assert summary["confusion"] == {
+        "Abyssinian": {"Abyssinian": 1},
+        "american_bulldog": {"Abyssinian": 2},
+        "american_pit_bull_terrier": {"(missed)": 1, "american_pit_bull_terrier": 1}}
+    assert summary["most_confused"] == [
+        {"truth": "american_bulldog", "predicted": "Abyssinian", "boxes": 2}]
+    assert summary["false_alarms"] == 1 and summary["false_alarm_classes"] == {"Abyssinian": 1}
+    text = format_analysis(summary)
+    assert "2 right class, 2 another class, 1 missed; 1 detections of nothing" in text
+    assert "american_bulldog seen as Abyssinian (2)" in text
+
+
+def test_error_analysis_of_an_image_without_detections_or_boxes():
+    from petdet_tasks.evaluate import error_analysis
+
+    summary, outcomes = error_analysis([_gt([[0.1, 0.1, 0.2, 0.2]], [1]), _gt([], [])],
+                                       [_det([], [], []), _det([[0.1, 0.1, 0.2, 0.2]], [0.9],
+                                                               [2])], NAMES)
+    assert outcomes == [[{"class": 1, "result": "missed"}], []]
+    assert summary["missed"] == 1 and summary["false_alarms"] == 1
+    empty, _ = error_analysis([], [], NAMES)
+    assert empty["groundtruth_boxes"] == 0 and empty["found_rate"] is None
