@@ -120,22 +120,22 @@ def _run_dag(conf: dict) -> int:
     for task_id in dag.task_ids:
         outs = results.get(task_id)
         if not outs:
-            print(f"  {task_id:<17} no result (see the log above)")
+            print(f"  {task_id:<19} no result (see the log above)")
             continue
         out = outs[0]
         if not isinstance(out, dict):  # the plan returns shard groups for the mapped task
-            print(f"  {task_id:<17} {len(out)} shard groups")
+            print(f"  {task_id:<19} {len(out)} shard groups")
             continue
-        if "promoted" in out or "uri" not in out:  # promote: a decision, not an output
-            print(f"  {task_id:<17} {out.get('reason', json.dumps(out, sort_keys=True))}")
+        if "promoted" in out or not out.get("uri"):  # a decision, or nothing to evaluate
+            print(f"  {task_id:<19} {out.get('reason', json.dumps(out, sort_keys=True))}")
             continue
         verb = "cache hit " if out.get("cache_hit") else "wrote     "
         mapped = f" ({len(outs)} mapped tasks)" if len(outs) > 1 else ""
         extra = {k: v for k, v in out.items()
                  if k not in ("step", "uri", "fingerprint", "cache_hit", "archives", "shards")}
-        print(f"  {task_id:<17} {verb}{out['uri']}{mapped}")
+        print(f"  {task_id:<19} {verb}{out['uri']}{mapped}")
         if extra and not mapped:
-            print(f"  {'':<17} {json.dumps(extra, sort_keys=True)}")
+            print(f"  {'':<19} {json.dumps(extra, sort_keys=True)}")
     gallery = (results.get("detect_gather") or [{}])[0].get("uri")
     if gallery:
         print(f"\n[demo] gallery: {_local_gallery(gallery, conf)}")
