@@ -67,7 +67,8 @@ The fingerprint covers the model's fingerprint, a digest of the listing (each im
 size and sha256 — or, on S3, its ETag) and the config fields that change the outputs
 (``score_threshold``, ``max_boxes``, ``num_shards``, ``thumbnail_size``; not
 ``batch_size``). A shard that reads an image whose content no longer matches the listing
-stops with an error (the input changed since planning: plan again).
+stops with :class:`InputChanged`, a permanent error (a retry would run the same recorded plan
+again): plan again.
 
 TensorFlow is imported only inside :func:`run_shards` (the DAG file and the plan/gather tasks
 never load it).
@@ -95,7 +96,7 @@ from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from petdet_tasks import annotate
-from petdet_tasks.errors import ConfigError
+from petdet_tasks.errors import ConfigError, PermanentError
 from petdet_tasks.label_map import LabelMap, parse_label_map
 from petdet_tasks.layout import (
     PLAN,
@@ -140,8 +141,26 @@ class NoProductionModel(LookupError):
     """No model was given and the registry has no production model yet."""
 
 
-class InputChanged(StoreError):
-    """An input image changed (or vanished) between planning and reading it."""
+class NoImagesToDetect(PermanentError, FileNotFoundError):
+    """The default input, the test split of the model's dataset, holds no image (or no list of
+    them). That dataset output is content-addressed and immutable, so a retry would find the
+    same nothing: not retried (pass the images to detect on)."""
+
+
+class InputChanged(PermanentError, StoreError):
+    """An input image changed (or vanished) between planning and reading it.
+
+    Permanent for the task that raises it: a shard task runs the plan the plan task recorded,
+    so a retry reads the same listing and fails the same way. Planning again (in Airflow:
+    clearing ``detect_plan``; on the CLI: running ``detect`` again) lists the inputs anew."""
+
+
+def _plan_again(what: str) -> InputChanged:
+    return InputChanged(
+        f"{what}: the plan recorded for this output no longer describes its inputs, and a "
+        "retry of this task would run the same plan and fail the same way; plan again "
+        "(Airflow: clear the detect_plan task and its downstream tasks; CLI: run detect "
+        "again)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +347,8 @@ def _list_test_split(store: Store, model: StepResult) -> tuple[list[tuple], str]
         raise StoreError(f"the model's dataset {store.uri(base)} is incomplete or absent")
     files = dataset.get("files", {})
     if "annotations/test.txt" not in files:
-        raise FileNotFoundError(f"{store.uri(base)} has no annotations/test.txt")
+        raise NoImagesToDetect(f"{store.uri(base)} has no annotations/test.txt: no test split "
+                               "to detect on; pass the images to detect on")
     names: dict[str, None] = {}
     for line in store.read_text(base + "annotations/test.txt").splitlines():
         line = line.strip()
@@ -429,7 +449,9 @@ def list_images(store: Store, model: StepResult, images: str | None) -> tuple[li
         where = what.rsplit(' (', 1)[0]
         looked = f"(looked for {', '.join(IMAGE_EXTENSIONS)} files)"
         if images is None or not str(images).strip():
-            raise FileNotFoundError(f"no images to detect on in the {where} {looked}")
+            # the dataset output is immutable: a retry would find the same empty split
+            raise NoImagesToDetect(f"no images to detect on in the {where} {looked}; pass "
+                                   "the images to detect on")
         # the option names an empty place: the same option would fail the same way again
         raise ConfigError(f"images (--images, Airflow param detect_images) {images!r}: no "
                           f"images to detect on in the {where} {looked}")
@@ -537,7 +559,7 @@ def _read_item(store: Store, item: Item) -> bytes:
         try:
             data = Path(item.ref).read_bytes()
         except FileNotFoundError:
-            raise InputChanged(f"{item.ref} was deleted after planning: plan again") from None
+            raise _plan_again(f"{item.ref} was deleted after planning") from None
         except OSError as e:
             raise _Unreadable(f"unreadable: {e.strerror or type(e).__name__}") from None
         etag = None
@@ -545,14 +567,12 @@ def _read_item(store: Store, item: Item) -> bytes:
         try:
             data, etag = store.get_bytes(item.ref)
         except NotFound:
-            raise InputChanged(f"{store.uri(item.ref)} was deleted after planning: plan "
-                               "again") from None
+            raise _plan_again(f"{store.uri(item.ref)} was deleted after planning") from None
     kind, _, want = item.digest.partition(":")
     got = (etag or "").strip('"') if kind == "etag" else _sha256(data)
     if got != want:
         where = item.ref if item.kind == "local" else store.uri(item.ref)
-        raise InputChanged(f"{where} changed after planning ({kind} {got}, listed {want}): "
-                           "plan again")
+        raise _plan_again(f"{where} changed after planning ({kind} {got}, listed {want})")
     return data
 
 

@@ -23,6 +23,7 @@ from petdet_tasks import annotate
 from petdet_tasks.detect import (
     JPEG_QUALITY,
     DetectConfig,
+    InputChanged,
     NoProductionModel,
     gallery_pages,
     gather,
@@ -35,6 +36,7 @@ from petdet_tasks.detect import (
     save_plan,
 )
 from petdet_tasks.detect import detect as run_detect
+from petdet_tasks.errors import PermanentError
 from petdet_tasks.export import export, load_exported
 from petdet_tasks.layout import PLAN as PLAN_FILE
 from petdet_tasks.layout import step_prefix
@@ -385,6 +387,24 @@ def test_corrupt_inputs_are_reported_and_the_shards_commit(setup, served, tmp_pa
     assert result.outputs["failed"] == 3 and result.outputs["images"] == 7
     csv = store.read_text(_prefix(result) + "detections.csv")
     assert "Invalid JPEG data" in csv
+
+
+def test_an_input_changed_after_the_plan_fails_the_shard_task_for_good(setup, tmp_path):
+    """The shard task runs the recorded plan: a retry would fail the same way, so the error
+    is permanent (Airflow fails the task at once) and says to plan again."""
+    work, store, model_uri, _ = setup
+    folder = tmp_path / "changing"
+    folder.mkdir()
+    for name, data in _good_images(work, 2):
+        (folder / f"{name}.jpg").write_bytes(data)
+    cfg = DetectConfig(score_threshold=LOW, max_boxes=2, num_shards=1)
+    p = plan(store, model_uri, str(folder), cfg)
+    save_plan(store, p)
+    first = sorted(folder.iterdir())[0]
+    first.write_bytes(first.read_bytes() + b"\0")
+    with pytest.raises(InputChanged, match="detect_plan") as info:
+        run_shards(store, load_plan(store, p.fingerprint), [0], cfg, cache_dir=work / "cache")
+    assert isinstance(info.value, PermanentError)
 
 
 def test_same_sized_batches_use_the_uint8_signature_with_the_same_results(setup, served,

@@ -1,0 +1,120 @@
+"""The detect step's inputs, without a model: which files are taken and which are reported,
+what the header check does before decoding (size limit, transparency), and which input
+failures are permanent. No TensorFlow is loaded here."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from petdet_tasks import detect as det
+from petdet_tasks.errors import PermanentError
+from petdet_tasks.manifest import run_step
+from petdet_tasks.store import LocalStore, StoreError
+
+
+def _encode(img: Image.Image, fmt: str, **params) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def _photo(w: int = 64, h: int = 48) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([x * 255 / w, y * 255 / h, (x + y) * 255 / (w + h)], -1).astype(np.uint8)
+
+
+JPEG = _encode(Image.fromarray(_photo()), "JPEG", quality=90)
+
+
+def _claiming_size(jpeg: bytes, w: int, h: int) -> bytes:
+    """``jpeg`` with its frame header (SOF0) patched to claim ``w`` x ``h``."""
+    at = jpeg.index(b"\xff\xc0") + 2
+    return jpeg[:at + 3] + h.to_bytes(2, "big") + w.to_bytes(2, "big") + jpeg[at + 7:]
+
+
+def _decode(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"), np.int16)
+
+
+# ------------------------------------------------------------------------ permanent failures
+
+
+def _fake_model(store: LocalStore, *, dataset_files: dict[str, bytes] | None = None):
+    """A committed export output (label map, pipeline.json) and, with ``dataset_files``, the
+    dataset and tfrecords outputs it names (no model inside: nothing here runs one)."""
+    label_map = "item {\n  id: 1\n  name: 'cat'\n}\n"
+    records_uri = None
+    if dataset_files is not None:
+        def dataset_body(w):
+            for rel, data in dataset_files.items():
+                w.put_bytes(rel, data)
+            return {}
+
+        dataset = run_step(store, "download", 1, inputs={},
+                           config={"files": sorted(dataset_files)}, body=dataset_body)
+        records = run_step(store, "tfrecords", 1, inputs={"dataset": dataset.fingerprint},
+                           config={"fake": 1}, body=lambda w: {})
+        records_uri = records.uri
+
+    def body(w):
+        w.put_bytes("label_map.pbtxt", label_map.encode())
+        w.put_json("pipeline.json", {"tfrecords_uri": records_uri})
+        return {}
+
+    return run_step(store, "export", 1, inputs={"training": "fake"},
+                    config={"files": sorted(dataset_files or {})}, body=body)
+
+
+def test_an_empty_default_test_split_is_permanent(tmp_path):
+    """The default input is the model's dataset's test split; that output is immutable, so
+    finding it empty (or without a test list) fails the same way on every retry."""
+    store = LocalStore(tmp_path / "store")
+    model = _fake_model(store, dataset_files={"annotations/test.txt": b"# nothing\n",
+                                              "annotations/trainval.txt": b"a 1 1 1\n"})
+    with pytest.raises(det.NoImagesToDetect, match=r"no images to detect on in the test "
+                                                   r"split of .*datasets/") as info:
+        det.list_images(store, model, None)
+    assert isinstance(info.value, PermanentError)
+    assert isinstance(info.value, FileNotFoundError)  # what callers caught before
+    no_list = _fake_model(store, dataset_files={"annotations/trainval.txt": b"a 1 1 1\n"})
+    with pytest.raises(det.NoImagesToDetect, match="has no annotations/test.txt"):
+        det.list_images(store, no_list, None)
+    # the CLI exits 2 (permanent), not 1
+    out = subprocess.run([sys.executable, "-m", "petdet_tasks", "detect", "--store",
+                          store.root, "--model", model.uri], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "no images to detect on in the test split" in out.stderr
+
+
+def test_an_input_changed_after_planning_is_permanent_and_says_to_plan_again(tmp_path):
+    """A shard task runs the recorded plan: retrying it would read the same listing again."""
+    store = LocalStore(tmp_path / "store")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(JPEG)
+    store.put_bytes("inbox/b.jpg", JPEG)
+    (local,) = det.list_images(store, None, str(folder))[0]
+    (remote,) = det.list_images(store, None, "inbox")[0]
+    assert det._read_item(store, local) == JPEG
+    (folder / "a.jpg").write_bytes(JPEG + b"\0")
+    store.put_bytes("inbox/b.jpg", JPEG + b"\0")
+    cases = [local, remote]
+    (folder / "gone.jpg").write_bytes(JPEG)
+    gone = next(it for it in det.list_images(store, None, str(folder))[0] if it.key == "gone")
+    (folder / "gone.jpg").unlink()
+    cases.append(gone)
+    for item in cases:
+        with pytest.raises(det.InputChanged) as info:
+            det._read_item(store, item)
+        e = info.value
+        assert isinstance(e, PermanentError) and isinstance(e, StoreError)
+        assert "after planning" in str(e) and "detect_plan" in str(e)
+        assert "retry of this task would run the same plan" in str(e)
