@@ -36,12 +36,15 @@ Inputs (``images``):
   ``pipeline.json`` names its tfrecords output, whose manifest names the download output;
   ``annotations/test.txt`` there lists the images (``images/<name>.jpg``).
 * a store URI or path under the store root, or a key prefix relative to the root — every
-  ``.jpg``/``.jpeg``/``.png`` (any case) under that prefix;
+  ``.jpg``/``.jpeg``/``.png``/``.gif``/``.bmp``/``.webp`` (any case: what
+  ``tf.io.decode_image`` reads) under that prefix;
 * a local directory (absolute, ``./relative``, or relative when no store key has that
   prefix) — every such file in it, recursively. Shard tasks read it from their own disk: on a
   distributed Airflow, use a store prefix.
 
-Every listed image ends as a record or a failure record; never skipped silently.
+Every listed image ends as a record or a failure record; never skipped silently. The other
+files under the prefix or folder are counted: a warning at planning, ``not_images`` (count and
+the first names) in ``summary.json``.
 
 Output layout (``detections/<fingerprint>/``)::
 
@@ -49,7 +52,8 @@ Output layout (``detections/<fingerprint>/``)::
     annotated/<key>.jpg       the image with boxes and "name score" labels (not for failures)
     detections.jsonl          every record, sorted by key, one per line
     detections.csv            one row per detection (annotate.records_to_csv)
-    summary.json              images, boxes per class, failures and their reasons, model, input
+    summary.json              images, boxes per class, failures and their reasons, model, input,
+                              not_images (files under the input not taken)
     index.html                the gallery, self-contained (inline CSS, thumbnails as data URIs,
                               relative links); gallery-002.html ... when there are more than
                               500 images, every page linked from every other
@@ -122,10 +126,14 @@ from petdet_tasks.store import FileEntry, NotFound, Store, StoreError
 log = logging.getLogger(__name__)
 
 STEP = "detect"
-SCHEMA_VERSION = 1
+# 2: .gif/.bmp/.webp taken; summary.json names the files not taken (not_images)
+SCHEMA_VERSION = 2
 PARTS = "_parts/"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# what tf.io.decode_image reads (TF 2.21: JPEG, PNG, GIF, BMP, WebP); other files under the
+# input prefix or folder are counted and reported (``not_images``), never silently dropped
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 PAGE_SIZE = 500  # gallery cards per HTML page
+NOT_IMAGE_EXAMPLES = 10  # file names named in the log and summary.json
 JPEG_QUALITY = 90  # annotated images
 THUMBNAIL_QUALITY = 80
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -266,6 +274,8 @@ class DetectPlan:
     config: dict
     inputs: dict
     force: bool = False
+    # files under the input prefix or folder that are not taken (list_images)
+    not_images: dict = field(default_factory=lambda: {"count": 0, "examples": []})
 
     def groups(self, n_tasks: int) -> list[list[int]]:
         """The shard indices split into ``n_tasks`` JSON-able groups (for Airflow's
@@ -367,36 +377,41 @@ def _list_test_split(store: Store, model: StepResult) -> tuple[list[tuple], str]
     return out, f"test split of {store.uri(base.rstrip('/'))} ({len(out)} images)"
 
 
-def _list_store_prefix(store: Store, prefix: str) -> list[tuple]:
-    out = []
+def _list_store_prefix(store: Store, prefix: str) -> tuple[list[tuple], list[str]]:
+    """(rows, the relative keys of the other objects: not taken)."""
+    out, others = [], []
     for obj in store.list(prefix):
-        if not _is_image(obj.key):
-            continue
         rel = obj.key[len(prefix):]
+        if not _is_image(obj.key):
+            if not obj.key.endswith("/"):  # a "folder" marker object is no file
+                others.append(rel)
+            continue
         if obj.etag:
             digest = "etag:" + obj.etag.strip('"')
         else:  # a local store: the listing carries no version tag, the content decides
             digest = "sha256:" + _sha256(store.get_bytes(obj.key)[0])
         out.append((rel, obj.key, "store", obj.key, obj.size, digest))
-    return out
+    return out, others
 
 
-def _list_local(folder: Path) -> list[tuple]:
-    out = []
+def _list_local(folder: Path) -> tuple[list[tuple], list[str]]:
+    """(rows, the relative paths of the other files: not taken)."""
+    out, others = [], []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
         for name in sorted(filenames):
-            if not _is_image(name):
-                continue
             path = Path(dirpath) / name
             rel = path.relative_to(folder).as_posix()
+            if not _is_image(name):
+                others.append(rel)
+                continue
             try:
                 data = path.read_bytes()
                 out.append((rel, str(path), "local", rel, len(data), "sha256:" + _sha256(data)))
             except OSError as e:
                 out.append((rel, str(path), "local", rel, -1,
                             f"unreadable: {e.strerror or type(e).__name__}"))
-    return out
+    return out, others
 
 
 def _resolve_images(store: Store, images: str) -> tuple[str, str | Path]:
@@ -432,22 +447,44 @@ def _resolve_images(store: Store, images: str) -> tuple[str, str | Path]:
     return "store", prefix + "/"
 
 
-def list_images(store: Store, model: StepResult, images: str | None) -> tuple[list[Item], str]:
-    """The listing (module doc, *Inputs*) as unsharded :class:`Item` s sorted by key, and a
-    description of what was listed."""
+class Listing(NamedTuple):
+    """What :func:`list_images` found."""
+
+    items: list[Item]  # unsharded, sorted by key
+    what: str  # what was listed, in words
+    not_images: dict  # {"count": N, "examples": [the first relative paths]}: files not taken
+
+
+def _not_images(others: list[str]) -> dict:
+    return {"count": len(others), "examples": sorted(others)[:NOT_IMAGE_EXAMPLES]}
+
+
+def _describe_not_images(not_images: dict) -> str:
+    n = not_images["count"]
+    return (f"{n} file{'s' if n != 1 else ''} not taken: not {'/'.join(IMAGE_EXTENSIONS)} "
+            f"(e.g. {', '.join(not_images['examples'][:3])})")
+
+
+def list_images(store: Store, model: StepResult, images: str | None) -> Listing:
+    """The listing (module doc, *Inputs*): unsharded :class:`Item` s sorted by key, a
+    description of what was listed, and the files under the prefix or folder that are not
+    taken (their extension is none of :data:`IMAGE_EXTENSIONS`)."""
+    others: list[str] = []
     if images is None or not str(images).strip():
         rows, what = _list_test_split(store, model)
     else:
         kind, where = _resolve_images(store, images)
         if kind == "local":
-            rows = _list_local(Path(where))
+            rows, others = _list_local(Path(where))
             what = f"local folder {where} ({len(rows)} images)"
         else:
-            rows = _list_store_prefix(store, str(where))
+            rows, others = _list_store_prefix(store, str(where))
             what = f"{store.uri(str(where))} ({len(rows)} images)"
+    not_images = _not_images(others)
     if not rows:
         where = what.rsplit(' (', 1)[0]
-        looked = f"(looked for {', '.join(IMAGE_EXTENSIONS)} files)"
+        looked = f"(looked for {', '.join(IMAGE_EXTENSIONS)} files"
+        looked += f"; {_describe_not_images(not_images)})" if others else ")"
         if images is None or not str(images).strip():
             # the dataset output is immutable: a retry would find the same empty split
             raise NoImagesToDetect(f"no images to detect on in the {where} {looked}; pass "
@@ -455,11 +492,13 @@ def list_images(store: Store, model: StepResult, images: str | None) -> tuple[li
         # the option names an empty place: the same option would fail the same way again
         raise ConfigError(f"images (--images, Airflow param detect_images) {images!r}: no "
                           f"images to detect on in the {where} {looked}")
+    if others:
+        what = what[:-1] + f"; {_describe_not_images(not_images)})"
     keys = _assign_keys(r[0] for r in rows)
     items = [Item(keys[rel], ref, kind, source, size, digest, -1)
              for rel, ref, kind, source, size, digest in rows]
     items.sort(key=lambda it: it.key)
-    return items, what
+    return Listing(items, what, not_images)
 
 
 def listing_digest(items: Iterable[Item]) -> str:
@@ -479,7 +518,9 @@ def plan(store: Store, model_uri: str | None, images: str | None, cfg: DetectCon
     cfg.validate()
     uri = resolve_model(store, model_uri)
     model = load_output(store, uri, expect_step="export")
-    items, what = list_images(store, model, images)
+    items, what, not_images = list_images(store, model, images)
+    if not_images["count"]:
+        log.warning("%s: %s", what.split(" (", 1)[0], _describe_not_images(not_images))
     items = [it._replace(shard=i % cfg.num_shards) for i, it in enumerate(items)]
     inputs = {"model": model.fingerprint, "images": listing_digest(items)}
     config = cfg.fingerprint_fields()
@@ -488,7 +529,7 @@ def plan(store: Store, model_uri: str | None, images: str | None, cfg: DetectCon
     cache_hit = not force and read_manifest(store, prefix) is not None
     return DetectPlan(store.uri(prefix.rstrip("/")), fp, prefix, cache_hit, model.uri,
                       model.fingerprint, items, list(range(cfg.num_shards)), what, config,
-                      inputs, force)
+                      inputs, force, not_images)
 
 
 def save_plan(store: Store, p: DetectPlan) -> str:
@@ -498,7 +539,8 @@ def save_plan(store: Store, p: DetectPlan) -> str:
     return save_plan_record(store, p.prefix, {
         "schema": 1, "fingerprint": p.fingerprint, "model_uri": p.model_uri,
         "model_fingerprint": p.model_fingerprint, "images": p.images, "config": p.config,
-        "inputs": p.inputs, "units": p.units, "items": [list(it) for it in p.items]})
+        "inputs": p.inputs, "units": p.units, "items": [list(it) for it in p.items],
+        "not_images": p.not_images})
 
 
 def load_plan(store: Store, fp: str, *, force: bool = False) -> DetectPlan:
@@ -520,7 +562,7 @@ def load_plan(store: Store, fp: str, *, force: bool = False) -> DetectPlan:
                          "run the plan task again")
     return DetectPlan(uri, fp, prefix, cache_hit, doc["model_uri"], doc["model_fingerprint"],
                       items, [int(u) for u in doc["units"]], doc["images"], doc["config"],
-                      doc["inputs"], force)
+                      doc["inputs"], force, doc["not_images"])
 
 
 def _check_config(p: DetectPlan, cfg: DetectConfig) -> None:
@@ -1035,6 +1077,7 @@ def gather(store: Store, p: DetectPlan, cfg: DetectConfig, *, run_id: str | None
             "model_uri": p.model_uri,
             "model_fingerprint": p.model_fingerprint,
             "input": p.images,
+            "not_images": p.not_images,
             "config": p.config,
             "shards": len(p.units),
             "pages": list(pages),
@@ -1044,13 +1087,17 @@ def gather(store: Store, p: DetectPlan, cfg: DetectConfig, *, run_id: str | None
         writer.put_json("summary.json", summary_json)
         for name, page in pages.items():
             writer.put_bytes(name, page.encode("utf-8"))
-        log.info("detect: %d images, %d with detections, %d boxes, %d failed (%s); gallery %s",
-                 summary["images"], summary["images_with_detections"], summary["boxes"],
-                 summary["failed"], summary_json["failure_reasons"] or "no failures",
+        not_taken = (f"; {_describe_not_images(p.not_images)}" if p.not_images["count"]
+                     else "")
+        log.info("detect: %d images, %d with detections, %d boxes, %d failed (%s)%s; "
+                 "gallery %s", summary["images"], summary["images_with_detections"],
+                 summary["boxes"], summary["failed"],
+                 summary_json["failure_reasons"] or "no failures", not_taken,
                  writer.uri("index.html"))
         return {"images": summary["images"],
                 "images_with_detections": summary["images_with_detections"],
                 "boxes": summary["boxes"], "failed": summary["failed"],
+                "not_images": p.not_images["count"],
                 "gallery": "index.html", "pages": len(pages), "shards": len(p.units),
                 "model_uri": p.model_uri, "model_fingerprint": p.model_fingerprint}
 

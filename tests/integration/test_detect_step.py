@@ -385,6 +385,9 @@ def test_corrupt_inputs_are_reported_and_the_shards_commit(setup, served, tmp_pa
     assert summary["failed"] == 3 and summary["failure_reasons"] == {"undecodable": 3}
     assert {f["image"] for f in summary["failures"]} == set(errors)
     assert result.outputs["failed"] == 3 and result.outputs["images"] == 7
+    # the file not taken is reported, not dropped silently
+    assert summary["not_images"] == {"count": 1, "examples": ["notes.txt"]}
+    assert result.outputs["not_images"] == 1
     csv = store.read_text(_prefix(result) + "detections.csv")
     assert "Invalid JPEG data" in csv
 

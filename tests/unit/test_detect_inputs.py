@@ -5,6 +5,8 @@ failures are permanent. No TensorFlow is loaded here."""
 from __future__ import annotations
 
 import io
+import json
+import logging
 import subprocess
 import sys
 
@@ -14,6 +16,7 @@ from PIL import Image
 
 from petdet_tasks import detect as det
 from petdet_tasks.errors import PermanentError
+from petdet_tasks.layout import step_prefix
 from petdet_tasks.manifest import run_step
 from petdet_tasks.store import LocalStore, StoreError
 
@@ -118,3 +121,71 @@ def test_an_input_changed_after_planning_is_permanent_and_says_to_plan_again(tmp
         assert isinstance(e, PermanentError) and isinstance(e, StoreError)
         assert "after planning" in str(e) and "detect_plan" in str(e)
         assert "retry of this task would run the same plan" in str(e)
+
+
+# ------------------------------------------------------------------------------- listings
+
+
+def _folder(tmp_path):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    rgb = Image.fromarray(_photo())
+    (folder / "a.jpg").write_bytes(JPEG)
+    (folder / "b.webp").write_bytes(_encode(rgb, "WEBP"))
+    (folder / "c.GIF").write_bytes(_encode(rgb.quantize(16), "GIF"))
+    (folder / "sub" / "d.bmp").write_bytes(_encode(rgb, "BMP"))
+    (folder / "e.PNG").write_bytes(_encode(rgb, "PNG"))
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "scan.tiff").write_bytes(_encode(rgb, "TIFF"))
+    (folder / "sub" / ".DS_Store").write_bytes(b"\0")
+    return folder
+
+
+def test_gif_bmp_webp_are_taken_and_every_other_file_is_counted(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    folder = _folder(tmp_path)
+    items, what, not_images = det.list_images(store, None, str(folder))
+    assert [it.key for it in items] == ["a", "b", "c", "e", "sub/d"]
+    assert not_images == {"count": 3, "examples": ["notes.txt", "scan.tiff", "sub/.DS_Store"]}
+    assert "(5 images; 3 files not taken" in what and "notes.txt" in what
+    # the same under a store prefix
+    for path in folder.rglob("*"):
+        if path.is_file():
+            store.put_bytes("inbox/" + path.relative_to(folder).as_posix(), path.read_bytes())
+    items2, _, not_images2 = det.list_images(store, None, "inbox")
+    assert [it.key for it in items2] == [it.key for it in items]
+    assert not_images2 == not_images
+
+
+def test_a_folder_of_only_other_files_names_them_in_the_error(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    folder = tmp_path / "tiffs"
+    folder.mkdir()
+    (folder / "scan.tiff").write_bytes(b"II*\0")
+    with pytest.raises(det.ConfigError, match=r"no images to detect on.*1 file not taken.*"
+                                              r"scan\.tiff"):
+        det.list_images(store, None, str(folder))
+
+
+def test_the_plan_reports_the_files_not_taken_and_records_them(tmp_path, caplog):
+    store = LocalStore(tmp_path / "store")
+    model = _fake_model(store)
+    folder = _folder(tmp_path)
+    cfg = det.DetectConfig(num_shards=2)
+    with caplog.at_level(logging.WARNING, logger="petdet_tasks.detect"):
+        p = det.plan(store, model.uri, str(folder), cfg)
+    assert p.not_images["count"] == 3
+    assert "3 files not taken" in caplog.text and "notes.txt" in caplog.text
+    det.save_plan(store, p)
+    assert det.load_plan(store, p.fingerprint) == p  # the shard tasks and gather see it too
+
+
+def test_the_recorded_plan_stays_plain_json(tmp_path):
+    """The recorded plan stays plain JSON (read by the shard tasks on other workers)."""
+    store = LocalStore(tmp_path / "store")
+    model = _fake_model(store)
+    folder = _folder(tmp_path)
+    p = det.plan(store, model.uri, str(folder), det.DetectConfig())
+    doc = json.loads(store.read_text(det.save_plan(store, p)))
+    assert doc["not_images"]["count"] == 3
+    assert step_prefix("detect", p.fingerprint) == p.prefix
