@@ -9,7 +9,10 @@ Three phases, so that Airflow can map the middle one over shard groups:
   listing → shard ``i % num_shards``). No image is decoded; images in a local folder or a
   local store are hashed (their content is part of the fingerprint).
 * :func:`run_shards` — for each shard, streaming: a ``tf.data`` pipeline reads the bytes (a
-  few requests ahead in threads on a remote store), decodes them in parallel
+  few requests ahead in threads on a remote store), looks at each image's header
+  (:func:`_prepare`: an image over :data:`petdet_tasks.images.MAX_PIXELS` pixels becomes a
+  failure record before any pixel is decoded; a transparent one is composited onto white as
+  the tfrecords step does for training), decodes them in parallel
   (``tf.io.decode_image``), and the SavedModel runs on batches: decoded images wait in one
   bucket per size, a full bucket goes through the ``serving_default`` uint8 signature; when
   too many wait (many distinct sizes) the oldest go together through
@@ -45,6 +48,10 @@ Inputs (``images``):
 Every listed image ends as a record or a failure record; never skipped silently. The other
 files under the prefix or folder are counted: a warning at planning, ``not_images`` (count and
 the first names) in ``summary.json``.
+
+Decoding matches the tfrecords step's (what the model was trained on): a transparent image is
+composited onto white, EXIF orientation is not applied, an image over 50 Mpx is refused
+(``image too large: ...``, from its header). GIFs give their first frame.
 
 Output layout (``detections/<fingerprint>/``)::
 
@@ -101,6 +108,7 @@ from urllib.parse import quote
 
 from petdet_tasks import annotate
 from petdet_tasks.errors import ConfigError, PermanentError
+from petdet_tasks.images import read_header
 from petdet_tasks.label_map import LabelMap, parse_label_map
 from petdet_tasks.layout import (
     PLAN,
@@ -126,7 +134,8 @@ from petdet_tasks.store import FileEntry, NotFound, Store, StoreError
 log = logging.getLogger(__name__)
 
 STEP = "detect"
-# 2: .gif/.bmp/.webp taken; summary.json names the files not taken (not_images)
+# 2: .gif/.bmp/.webp taken; summary.json names the files not taken (not_images); transparent
+# images composited onto white; images over images.MAX_PIXELS failed from their header
 SCHEMA_VERSION = 2
 PARTS = "_parts/"
 # what tf.io.decode_image reads (TF 2.21: JPEG, PNG, GIF, BMP, WebP); other files under the
@@ -799,6 +808,8 @@ class _ShardRunner:
         def generate():
             try:
                 for j, data, reason in _read_ahead(self.store, items):
+                    if data is not None:
+                        data, reason = _prepare(data)
                     if data is None:
                         read_errors[j] = reason or "unreadable"
                         continue
@@ -887,6 +898,43 @@ class _ShardRunner:
                 expected += 1
             while inflight:
                 inflight.popleft().result()
+
+
+def _prepare(data: bytes) -> tuple[bytes | None, str | None]:
+    """``(bytes to decode, None)`` or ``(None, reason)``, from the image's header alone
+    (:func:`petdet_tasks.images.read_header`, the header reading of the tfrecords check):
+
+    * over :data:`petdet_tasks.images.MAX_PIXELS` pixels: a failure (``image too large:
+      ...``, the tfrecords quarantine reason) before any pixel is decoded;
+    * transparent (an alpha channel, or a ``transparency`` entry on a palette, grey or RGB
+      image, GIFs included): composited onto white exactly as the tfrecords step does for
+      training (:func:`petdet_tasks.images._to_rgb`) and passed on as an RGB PNG, so that the
+      model sees what it was trained on, whichever signature it goes through (the decoders
+      drop alpha, and TF's GIF decoder makes transparent pixels black);
+    * anything else (every JPEG, read without Pillow) as it is.
+    """
+    header = read_header(data)
+    if header is None:  # no readable header: the decoder will say what is wrong
+        return data, None
+    if header.too_large:
+        return None, header.too_large
+    if not header.transparent:
+        return data, None
+    import io
+
+    from PIL import Image
+
+    from petdet_tasks.images import _to_rgb
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.seek(0)
+            rgb, _ = _to_rgb(img, header.format)
+            buf = io.BytesIO()
+            rgb.save(buf, "PNG", compress_level=1)
+    except Exception:  # noqa: BLE001 - undecodable: the decoder will say why
+        return data, None
+    return buf.getvalue(), None
 
 
 def _load_model(path: Path):

@@ -66,7 +66,7 @@ from io import BytesIO
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-__all__ = ["CHECK_MODES", "MAX_PIXELS", "ImageCheck", "check_image"]
+__all__ = ["CHECK_MODES", "MAX_PIXELS", "ImageCheck", "ImageHeader", "check_image", "read_header"]
 
 CHECK_MODES = ("header", "full")
 
@@ -313,6 +313,55 @@ def _jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
             return width, height, components
         pos += length
     return None
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, no pixel decoded (:func:`read_header`)."""
+
+    width: int | None  # None: Pillow refused the header as a decompression bomb
+    height: int | None
+    pixels: int
+    format: str  # PIL format name ("JPEG", "PNG", "GIF", ...)
+    mode: str | None  # PIL mode; None for a JPEG read by the fast path
+    transparent: bool  # an alpha channel or a ``transparency`` entry (:func:`check_image`
+    # composites such images onto white)
+
+    @property
+    def too_large(self) -> str | None:
+        """The reason :func:`check_image` quarantines the image for its size, or None."""
+        if self.pixels <= MAX_PIXELS:
+            return None
+        size = (self.width, self.height) if self.width and self.height else None
+        return _too_large(self.pixels, size)
+
+
+def read_header(data: bytes) -> ImageHeader | None:
+    """The image's size, format and whether it has transparency, from its header alone
+    (a JPEG's frame header in a few µs, else Pillow's header parse); None when no header can
+    be read (a decoder then says what is wrong). Never raises for bad bytes.
+
+    The same reading :func:`check_image` does before it decodes anything: the same size
+    limit (:attr:`ImageHeader.too_large`) and the same notion of transparency."""
+    frame = _jpeg_frame(data)
+    if frame is not None:
+        width, height, _ = frame
+        return ImageHeader(width, height, width * height, "JPEG", None, False)
+    try:
+        img = Image.open(BytesIO(data))
+    except Image.DecompressionBombError as e:  # over twice Pillow's limit: no size known
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        return ImageHeader(None, None, int(pixels[1]), "unknown", None, False) if pixels \
+            else None
+    except Exception:  # not an image, or a header a plugin chokes on
+        return None
+    with img:
+        mode = img.mode
+        transparent = mode in _ALPHA_MODES or (
+            "transparency" in img.info and mode in ("P", "L", "RGB", "1"))
+        width, height = img.size
+        return ImageHeader(width, height, width * height, img.format or "unknown", mode,
+                           transparent)
 
 
 def check_image(

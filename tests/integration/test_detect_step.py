@@ -366,30 +366,103 @@ def test_corrupt_inputs_are_reported_and_the_shards_commit(setup, served, tmp_pa
     (folder / "truncated.jpg").write_bytes(good[1][1][: len(good[1][1]) // 2])
     (folder / "text.jpg").write_bytes(b"this is a text file, not a JPEG\n")
     (folder / "empty.jpeg").write_bytes(b"")
+    # 10000x10000 claimed by its frame header: refused before decoding (a real one, 1.5 MB,
+    # took a detect run to 3.65 GB)
+    (folder / "huge.jpg").write_bytes(_claiming_size(good[2][1], 10000, 10000))
     (folder / "notes.txt").write_text("not listed: not an image extension")
     cfg = DetectConfig(score_threshold=LOW, max_boxes=4, num_shards=2, batch_size=3)
     result = run_detect(store, model_uri, str(folder), cfg, cache_dir=work / "cache")
     records = _records(store, result)
     assert sorted(records) == sorted([n for n, _ in good] + ["as_png", "truncated", "text",
-                                                              "empty"])
+                                                              "empty", "huge"])
     errors = {k: r["error"] for k, r in records.items() if "error" in r}
-    assert set(errors) == {"truncated", "text", "empty"}
+    assert set(errors) == {"truncated", "text", "empty", "huge"}
     assert "Invalid JPEG data" in errors["truncated"]
     assert "Unknown image file format" in errors["text"]
     assert "empty" in errors["empty"].lower()
+    assert errors.pop("huge") == ("image too large: 100000000 pixels (10000x10000), over the "
+                                  "limit of 50000000 (decompression-bomb guard)")
     assert all(e.startswith("undecodable: ") for e in errors.values())
     for name, data in good:
         _check_record(records[name], model, labels, data, cfg)
     _check_record(records["as_png"], model, labels, png.getvalue(), cfg)
     summary = json.loads(store.read_text(_prefix(result) + "summary.json"))
-    assert summary["failed"] == 3 and summary["failure_reasons"] == {"undecodable": 3}
-    assert {f["image"] for f in summary["failures"]} == set(errors)
-    assert result.outputs["failed"] == 3 and result.outputs["images"] == 7
+    assert summary["failed"] == 4
+    assert summary["failure_reasons"] == {"image too large": 1, "undecodable": 3}
+    assert {f["image"] for f in summary["failures"]} == set(errors) | {"huge"}
+    assert result.outputs["failed"] == 4 and result.outputs["images"] == 8
     # the file not taken is reported, not dropped silently
     assert summary["not_images"] == {"count": 1, "examples": ["notes.txt"]}
     assert result.outputs["not_images"] == 1
     csv = store.read_text(_prefix(result) + "detections.csv")
     assert "Invalid JPEG data" in csv
+
+
+def _claiming_size(jpeg: bytes, w: int, h: int) -> bytes:
+    """``jpeg`` with its frame header (SOF0) patched to claim ``w`` x ``h``."""
+    at = jpeg.index(b"\xff\xc0") + 2
+    return jpeg[:at + 3] + h.to_bytes(2, "big") + w.to_bytes(2, "big") + jpeg[at + 7:]
+
+
+def _on_white_png(data: bytes) -> bytes:
+    """What the tfrecords step trains on for a transparent image: composited onto white
+    (Pillow's alpha_composite), as a lossless PNG."""
+    with Image.open(io.BytesIO(data)) as img:
+        rgba = img.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    buf = io.BytesIO()
+    Image.alpha_composite(white, rgba).convert("RGB").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_transparent_gif_bmp_webp_images_are_seen_as_in_training(setup, served, tmp_path):
+    """A transparent PNG (black under alpha 0, as most are) and a GIF with a transparent
+    colour are seen on white, as the tfrecords step makes them for training (the decoders
+    gave black), whether their batch goes through the uint8 or the encoded signature; the
+    annotated JPEG shows white too. GIF, BMP and WebP files are taken."""
+    work, store, model_uri, _ = setup
+    model, labels = served
+    (_, data), (_, data2) = _good_images(work, 2)
+    rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    h, w = rgb.shape[:2]
+    alpha = np.full((h, w), 255, np.uint8)
+    alpha[:, :w // 3] = 0
+    rgba = np.dstack([np.where(alpha[..., None] == 0, 0, rgb), alpha]).astype(np.uint8)
+    folder = tmp_path / "formats"
+    folder.mkdir()
+    inputs = {}
+
+    def put(name: str, img: Image.Image, fmt: str, **params) -> None:
+        buf = io.BytesIO()
+        img.save(buf, fmt, **params)
+        inputs[name.rsplit(".", 1)[0]] = buf.getvalue()
+        (folder / name).write_bytes(buf.getvalue())
+
+    put("clear.png", Image.fromarray(rgba, "RGBA"), "PNG")
+    quantized = Image.open(io.BytesIO(data2)).convert("RGB").quantize(255)
+    index = np.asarray(quantized).copy()
+    index[:, :index.shape[1] // 3] = 255  # an unused palette entry, made transparent
+    gif = Image.fromarray(index, "P")
+    gif.putpalette(quantized.getpalette())
+    put("clear_gif.gif", gif, "GIF", transparency=255)
+    put("photo_webp.webp", Image.open(io.BytesIO(data2)), "WEBP", quality=90)
+    put("photo_bmp.bmp", Image.open(io.BytesIO(data)), "BMP")
+    for batch_size in (8, 1):  # mixed sizes through the encoded signature, then uint8 alone
+        cfg = DetectConfig(score_threshold=LOW, max_boxes=4, num_shards=1,
+                           batch_size=batch_size)
+        result = run_detect(store, model_uri, str(folder), cfg, cache_dir=work / "cache",
+                            force=batch_size == 1)
+        records = _records(store, result)
+        assert sorted(records) == sorted(inputs) and result.outputs["failed"] == 0
+        for key in ("clear", "clear_gif"):
+            _check_record(records[key], model, labels, _on_white_png(inputs[key]), cfg)
+        for key in ("photo_webp", "photo_bmp"):
+            _check_record(records[key], model, labels, inputs[key], cfg)
+    for key in ("clear", "clear_gif"):
+        annotated = store.get_bytes(_prefix(result) + f"annotated/{key}.jpg")[0]
+        pixels = np.asarray(Image.open(io.BytesIO(annotated)).convert("RGB"))
+        left = pixels[:, :pixels.shape[1] // 3 - 4]
+        assert np.median(left) > 240, (key, np.median(left))  # white, not black
 
 
 def test_an_input_changed_after_the_plan_fails_the_shard_task_for_good(setup, tmp_path):

@@ -16,6 +16,7 @@ from PIL import Image
 
 from petdet_tasks import detect as det
 from petdet_tasks.errors import PermanentError
+from petdet_tasks.images import MAX_PIXELS, check_image, read_header
 from petdet_tasks.layout import step_prefix
 from petdet_tasks.manifest import run_step
 from petdet_tasks.store import LocalStore, StoreError
@@ -189,3 +190,81 @@ def test_the_recorded_plan_stays_plain_json(tmp_path):
     doc = json.loads(store.read_text(det.save_plan(store, p)))
     assert doc["not_images"]["count"] == 3
     assert step_prefix("detect", p.fingerprint) == p.prefix
+
+
+# ------------------------------------------------------------------------- the header check
+
+
+def test_an_image_over_the_pixel_limit_fails_from_its_header_before_any_decode(monkeypatch):
+    """A 10000x10000 JPEG (100 Mpx) is refused from its frame header with the tfrecords
+    quarantine's reason; nothing is decoded (Pillow is never asked to open it)."""
+    bomb = _claiming_size(JPEG, 10000, 10000)
+
+    def no_open(*a, **k):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(Image, "open", no_open)
+    data, reason = det._prepare(bomb)
+    assert data is None
+    assert reason == ("image too large: 100000000 pixels (10000x10000), over the limit of "
+                      f"{MAX_PIXELS} (decompression-bomb guard)")
+    assert reason == read_header(bomb).too_large
+    monkeypatch.undo()
+    assert check_image(bomb).reason == reason  # the same words as the tfrecords quarantine
+    # at the limit: taken as it is
+    at_limit = _claiming_size(JPEG, 10000, 5000)
+    assert det._prepare(at_limit) == (at_limit, None)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_png_claiming_too_many_pixels_fails_too():
+    big = _encode(Image.new("L", (9000, 6000)), "PNG")  # 54 Mpx, 50 KB
+    data, reason = det._prepare(big)
+    assert data is None and reason.startswith("image too large: 54000000 pixels (9000x6000)")
+
+
+def test_plain_images_and_unreadable_bytes_pass_unchanged():
+    png = _encode(Image.fromarray(_photo()), "PNG")
+    for data in (JPEG, png, b"not an image", b""):
+        out, reason = det._prepare(data)
+        assert out is data and reason is None
+
+
+def _alpha(w: int = 64, h: int = 48) -> np.ndarray:
+    return np.tile(np.linspace(0, 255, w), (h, 1)).astype(np.uint8)
+
+
+def test_transparent_images_are_composited_onto_white_as_for_training():
+    """RGBA PNG, WebP with alpha, a palette PNG, a GIF and an RGB PNG with a transparent
+    colour: the bytes handed to the decoder are an RGB image, the transparent parts white,
+    equal to what the tfrecords step composites before its JPEG (images._to_rgb)."""
+    from petdet_tasks.images import _to_rgb
+
+    rgb, a = _photo(), _alpha()
+    rgba = Image.fromarray(np.dstack([rgb, a]), "RGBA")
+    palette = Image.fromarray(rgb).quantize(16)
+    cases = {
+        "rgba.png": _encode(rgba, "PNG"),
+        "rgba.webp": _encode(rgba, "WEBP", lossless=True),
+        "palette.png": _encode(palette, "PNG", transparency=0),
+        "palette.gif": _encode(palette, "GIF", transparency=0),
+        "rgb-trns.png": _encode(Image.fromarray(rgb), "PNG",
+                                transparency=tuple(int(v) for v in rgb[0, 0])),
+    }
+    for name, data in cases.items():
+        assert read_header(data).transparent, name
+        out, reason = det._prepare(data)
+        assert reason is None and out is not data, name
+        with Image.open(io.BytesIO(out)) as img:
+            assert img.format == "PNG" and img.mode == "RGB", name
+            got = np.asarray(img, np.int16)
+        with Image.open(io.BytesIO(data)) as src:
+            want = np.asarray(_to_rgb(src, src.format)[0], np.int16)
+        assert np.array_equal(got, want), name
+    # fully transparent pixels come out white, never black (what the decoders make of them)
+    got = _decode(det._prepare(cases["rgba.png"])[0])
+    assert np.all(got[:, 0] == 255)
+    gif = _decode(det._prepare(cases["palette.gif"])[0])
+    with Image.open(io.BytesIO(cases["palette.gif"])) as src:
+        index = np.asarray(src)
+    assert (index == 0).any() and np.all(gif[index == 0] == 255)
