@@ -5,6 +5,11 @@
 * :func:`make_preset` — what tests and the demo start from instead of COCO weights: a tiny
   model briefly trained on a *different* class count, saved with ``save_to_preset``. Fine-tuning
   from it walks the same code path as fine-tuning from the real COCO preset.
+* :func:`load_preset` — ``from_preset`` under an explicit dtype policy: a preset saved by a
+  model trained with ``mixed_float16`` records that policy in a form keras-hub 0.32 cannot read
+  back ("Invalid dtype: mixed_float16"), so every load names the policy it wants.
+* :func:`save_preset` — ``save_to_preset`` in float32 whatever the model trained in (a mixed
+  precision model is re-loaded in float32 first), so the preset loads anywhere.
 * :func:`load_for_finetune` — the real path: ``from_preset(preset, num_classes=N)`` rebuilds the
   task and loads backbone + FPN weights; the box head is copied over from the full preset
   (keras-hub 0.32 does not load it when the class count changes); the new classification head
@@ -21,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -119,18 +125,125 @@ def make_preset(path: str | os.PathLike, *, num_classes: int = 5, image_size: in
     return path
 
 
+_REDUCED_POLICIES = ("mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
+
+
+def _policy_name(dtype) -> str:
+    return dtype if isinstance(dtype, str) else dtype.name
+
+
+def _float32_config(value):
+    """A saved Keras config with every reduced-precision dtype policy made float32: the
+    nested ones too (the ResNet inside the backbone, the image converter, the anchor
+    generator), which ``from_preset(dtype=...)`` does not reach."""
+    if isinstance(value, list):
+        return [_float32_config(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, v in value.items():
+        if key == "dtype" and isinstance(v, str) and v in _REDUCED_POLICIES:
+            v = "float32"
+        elif (key == "dtype" and isinstance(v, dict) and isinstance(v.get("config"), dict)
+              and v["config"].get("name") in _REDUCED_POLICIES):
+            v = {"module": "keras", "class_name": "DTypePolicy",
+                 "config": {"name": "float32"}, "registered_name": None}
+        else:
+            v = _float32_config(v)
+        out[key] = v
+    return out
+
+
+def _float32_copy(preset: Path, dest: Path) -> bool:
+    """Copy a local preset to ``dest`` with its configs made float32 (weights linked, they
+    are float32 whatever the policy); False (nothing written) when it is float32 already."""
+    import json
+
+    configs = {p: json.loads(p.read_text()) for p in preset.glob("*.json")}
+    fixed = {p: _float32_config(c) for p, c in configs.items()}
+    if fixed == configs:
+        return False
+    for f in preset.iterdir():
+        target = dest / f.name
+        if f in fixed:
+            target.write_text(json.dumps(fixed[f], indent=4))
+        elif f.is_dir():
+            shutil.copytree(f, target)
+        else:
+            try:
+                os.symlink(f.resolve(), target)
+            except OSError:
+                shutil.copy2(f, target)
+    return True
+
+
+def load_preset(preset: str | os.PathLike, *, dtype=None, **kwargs):
+    """``RetinaNetObjectDetector.from_preset(preset, dtype=..., **kwargs)`` under an explicit
+    policy, ``dtype`` (default: the global Keras policy, ``"float32"`` or ``"mixed_float16"``).
+
+    keras-hub 0.32 saves a ``mixed_float16`` model's policy in a form its own loader rejects
+    ("Invalid dtype: mixed_float16"), and ``from_preset(dtype=...)`` reaches the task and its
+    heads but not the nested layers (the ResNet, the image converter). So a float32 load of a
+    local preset saved in reduced precision goes through a copy whose configs say float32
+    everywhere: the model serves (and exports) in float32, whatever it trained in."""
+    import tempfile
+
+    import keras
+
+    kh = _keras_hub()
+    name = _policy_name(dtype or keras.mixed_precision.dtype_policy())
+    local = Path(os.fspath(preset)).expanduser()
+    if name == "float32" and local.is_dir():
+        with tempfile.TemporaryDirectory(prefix="petdet-preset-") as tmp:
+            if _float32_copy(local, Path(tmp)):
+                log.info("preset %s was saved in reduced precision: loading it in float32",
+                         preset)
+                return kh.models.RetinaNetObjectDetector.from_preset(tmp, dtype=name, **kwargs)
+    return kh.models.RetinaNetObjectDetector.from_preset(str(preset), dtype=name, **kwargs)
+
+
+def save_preset(detector, path: str | os.PathLike, *, image_size: int) -> Path:
+    """``detector.save_to_preset(path)`` with every policy float32: a model trained under
+    ``mixed_float16`` is saved, re-loaded in float32 (the variables are float32 either way:
+    the weights are the same) and saved again, so that the preset loads with a plain
+    ``from_preset`` (export, fine-tuning, keras-hub users) wherever it goes."""
+    import keras
+
+    path = Path(path)
+    if all(_policy_name(layer.dtype_policy) == "float32"
+           for layer in detector._flatten_layers(include_self=True, recursive=True)):
+        detector.save_to_preset(str(path))
+        return path
+    staging = path.with_name(path.name + ".mixed")
+    shutil.rmtree(staging, ignore_errors=True)
+    detector.save_to_preset(str(staging))
+    policy = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        f32 = load_preset(staging, dtype="float32")
+        f32.preprocessor = _preprocessor(image_size)
+        set_score_threshold(f32)
+        f32.save_to_preset(str(path))
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("saved the %s-trained model as a float32 preset", _policy_name(policy))
+    return path
+
+
 def load_for_finetune(preset: str | os.PathLike, num_classes: int, *, image_size: int,
                       freeze_backbone: bool = False):
     """The preset's backbone, FPN and box head under a new ``num_classes`` classification head
-    (module doc). A preset with the same class count is loaded whole."""
-    kh = _keras_hub()
+    (module doc). A preset with the same class count is loaded whole. The model is built under
+    the global Keras policy (``mixed_float16`` when training in mixed precision), whatever
+    policy the preset was saved with."""
     preset = str(preset)
-    full = kh.models.RetinaNetObjectDetector.from_preset(preset)
+    full = load_preset(preset)
     if full.num_classes == num_classes:
         detector = full
         log.info("preset %s already has %d classes: loaded whole", preset, num_classes)
     else:
-        detector = kh.models.RetinaNetObjectDetector.from_preset(preset, num_classes=num_classes)
+        detector = load_preset(preset, num_classes=num_classes)
         detector.box_head.set_weights(full.box_head.get_weights())
         set_prior_bias(detector)
         log.info("preset %s: backbone, FPN and box head loaded; new %d-class head (was %d)",

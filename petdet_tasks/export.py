@@ -645,11 +645,12 @@ def _export_body(store: Store, writer: StepWriter, training: StepResult, cfg: Ex
 
 
 def _load_detector(preset: Path):
-    from petdet_tasks.detector import _keras_hub, set_score_threshold
+    from petdet_tasks.detector import load_preset, set_score_threshold
 
-    kh = _keras_hub()
     try:
-        detector = kh.models.RetinaNetObjectDetector.from_preset(str(preset))
+        # float32 named explicitly: a preset saved by a mixed-precision training records a
+        # policy keras-hub cannot read back ("Invalid dtype: mixed_float16")
+        detector = load_preset(preset, dtype="float32")
     except Exception as e:
         raise ExportError(f"cannot load the trained model from {preset}: {e}") from e
     set_score_threshold(detector)

@@ -389,7 +389,7 @@ def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: Trai
                 cache: Path, fp: str) -> dict:
     import keras
 
-    from petdet_tasks.detector import load_for_finetune
+    from petdet_tasks.detector import load_for_finetune, save_preset
     from petdet_tasks.label_map import parse_label_map
     from petdet_tasks.train_input import InputConfig, make_dataset, stage_shards
 
@@ -470,7 +470,8 @@ def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: Trai
 
     metrics = _recall_at_iou(detector, val_ds)
     preset_dir = work / "preset"
-    detector.save_to_preset(str(preset_dir))
+    # float32 whatever the training ran in: a mixed_float16 preset cannot be loaded back
+    save_preset(detector, preset_dir, image_size=cfg.image_size)
     plot_curves(history, work / "curves.png")
     history_path.write_text("".join(json.dumps(h) + "\n" for h in history))
 

@@ -145,21 +145,72 @@ def test_sigkill_then_rerun_resumes_from_the_checkpoint(setup, tmp_path):
 
 def test_mixed_precision_path_runs_on_cpu(setup):
     """The GPU configuration (mixed_float16 + loss scaling) forced on: the step counter, the
-    checkpoints and the decoding of float16 head outputs all hold."""
+    checkpoints and the decoding of float16 head outputs all hold; the trained model is saved
+    as a float32 preset, which export loads and exports, and which fine-tunes again under
+    either precision (a mixed_float16 policy in the preset made every load fail with "Invalid
+    dtype: mixed_float16")."""
     import math
+
+    import keras
+
+    from petdet_tasks.detector import load_for_finetune
+    from petdet_tasks.export import export
 
     work, store, records, preset = setup
     cfg = _config(preset, image_size=64, batch_size=4, num_steps=4, checkpoint_every_n=2,
                   log_every_n=2, mixed_precision="on",
                   learning_rate=LRSchedule(kind="constant", initial_learning_rate=0.001))
     try:
-        out = train(store, records.uri, cfg, cache_dir=work / "cache").outputs
+        result = train(store, records.uri, cfg, cache_dir=work / "cache")
     finally:
-        import keras
-
         keras.mixed_precision.set_global_policy("float32")
+    out = result.outputs
     assert out["steps"] == 4 and out["mixed_precision"] is True
     assert math.isfinite(out["final_loss"])
+    prefix = step_prefix("train", result.fingerprint)
+    for name in ("config.json", "preprocessor.json", "task.json"):
+        assert "mixed_float16" not in store.read_text(prefix + "preset/" + name), name
+
+    exported = export(store, result.uri, cache_dir=work / "cache")
+    assert exported.outputs["num_classes"] == 6 and exported.outputs["parity_checks"] >= 1
+
+    local = work / "mixed-trained-preset"
+    for obj in store.list(prefix + "preset/"):
+        store.download_file(obj.key, local / obj.key[len(prefix + "preset/"):])
+    for policy in ("mixed_float16", "float32"):
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            again = load_for_finetune(local, 3, image_size=64)
+            assert again.num_classes == 3 and again.dtype_policy.name == policy
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+
+
+def test_a_preset_saved_in_mixed_precision_loads_for_export_and_finetuning(tmp_path):
+    """Presets written before the float32 save (keras-hub records mixed_float16 in a form its
+    loader rejects) still load: export's loader and the fine-tune loader name the policy."""
+    import keras
+    import numpy as np
+
+    from petdet_tasks.detector import build_detector, detect_batch, load_for_finetune
+    from petdet_tasks.export import _load_detector
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        build_detector(3, image_size=64).save_to_preset(str(tmp_path / "mixed"))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert "mixed_float16" in (tmp_path / "mixed" / "config.json").read_text()
+    with pytest.raises(ValueError, match="mixed_float16"):  # keras-hub's own loader
+        import keras_hub
+
+        keras_hub.models.RetinaNetObjectDetector.from_preset(str(tmp_path / "mixed"))
+    loaded = _load_detector(tmp_path / "mixed")
+    layers = loaded._flatten_layers(include_self=True, recursive=True)
+    assert {layer.dtype_policy.name for layer in layers} == {"float32"}
+    out = detect_batch(loaded, np.zeros((1, 64, 64, 3), "float32"))
+    assert out["boxes"].dtype == np.float32
+    assert load_for_finetune(tmp_path / "mixed", 5, image_size=64).num_classes == 5
 
 
 def test_a_diverging_run_fails_clearly_and_commits_nothing(setup):
