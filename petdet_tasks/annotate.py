@@ -34,10 +34,12 @@ __all__ = [
     "FAILURE_SCHEMA",
     "RECORD_SCHEMA",
     "SCHEMA_VERSION",
+    "SummaryCounter",
     "class_color",
     "draw_detections",
     "encode_jpeg",
     "failure_record",
+    "failures_html",
     "gallery_html",
     "image_record",
     "label_text_color",
@@ -559,15 +561,18 @@ CSV_COLUMNS = (
 )  # fmt: skip
 
 
-def records_to_csv(records: Iterable[dict]) -> bytes:
+def records_to_csv(records: Iterable[dict], *, header: bool = True) -> bytes:
     """UTF-8 CSV (``\\n`` line ends, a header row of :data:`CSV_COLUMNS`) in which every image
     appears: one row per detection; one row with empty detection fields for an image without
     detections; one row with only ``image`` and ``error`` filled for a failed image.
     Numbers are written as Python's ``str`` writes them (``0.93``, ``80``).
+
+    ``header=False`` leaves the header row out: the rows to append to a CSV written in parts.
     """
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    if header:
+        writer.writerow(CSV_COLUMNS)
     for rec in records:
         validate_record(rec)
         if "error" in rec:
@@ -590,45 +595,64 @@ def records_to_csv(records: Iterable[dict]) -> bytes:
     return buf.getvalue().encode("utf-8")
 
 
-def summarize(records: Sequence[dict], names: Mapping[int, str]) -> dict:
+class SummaryCounter:
+    """:func:`summarize`, one record at a time (records read in parts: only the counts and
+    the failures are kept)."""
+
+    def __init__(self, names: Mapping[int, str]):
+        self._lookup = _names_dict(names)
+        self._per_class = {self._lookup[i]: 0 for i in sorted(self._lookup)}
+        self._failures: list[dict] = []
+        self._images = self._with_detections = self._boxes = 0
+        self._total_score = 0.0
+
+    def add(self, rec: dict) -> None:
+        """Count one record (validated first; ValueError for a class id ``names`` lacks)."""
+        validate_record(rec)
+        self._images += 1
+        if "error" in rec:
+            self._failures.append({"image": rec["image"], "error": rec["error"]})
+            return
+        for det in rec["detections"]:
+            if det["class_id"] not in self._lookup:
+                raise ValueError(
+                    f"image {rec['image']!r}: unknown class id {det['class_id']} "
+                    "(not in the label map)"
+                )
+        if rec["detections"]:
+            self._with_detections += 1
+        for det in rec["detections"]:
+            self._per_class[self._lookup[det["class_id"]]] += 1
+            self._boxes += 1
+            self._total_score += det["score"]
+
+    def summary(self) -> dict:
+        """The counts so far, as :func:`summarize` gives them (failures in the order added)."""
+        boxes = self._boxes
+        return {
+            "images": self._images,
+            "images_with_detections": self._with_detections,
+            "failed": len(self._failures),
+            "failures": list(self._failures),
+            "boxes": boxes,
+            "boxes_per_class": dict(self._per_class),
+            "mean_score": round(self._total_score / boxes, 4) if boxes else None,
+        }
+
+
+def summarize(records: Iterable[dict], names: Mapping[int, str]) -> dict:
     """Counts over ``records``.
 
     ``{"images", "images_with_detections", "failed", "failures": [{"image", "error"}],
     "boxes", "boxes_per_class": {name: count} (every class of ``names`` in id order, 0
     included), "mean_score"}``; ``mean_score`` is the mean detection score rounded to 4
     decimals, or None without detections. A detection whose class id ``names`` does not know
-    raises ValueError.
+    raises ValueError. (:class:`SummaryCounter` counts the same one record at a time.)
     """
-    lookup = _names_dict(names)
-    per_class = {lookup[i]: 0 for i in sorted(lookup)}
-    failures = []
-    with_detections = boxes = 0
-    total_score = 0.0
+    counter = SummaryCounter(names)
     for rec in records:
-        validate_record(rec)
-        if "error" in rec:
-            failures.append({"image": rec["image"], "error": rec["error"]})
-            continue
-        if rec["detections"]:
-            with_detections += 1
-        for det in rec["detections"]:
-            if det["class_id"] not in lookup:
-                raise ValueError(
-                    f"image {rec['image']!r}: unknown class id {det['class_id']} "
-                    "(not in the label map)"
-                )
-            per_class[lookup[det["class_id"]]] += 1
-            boxes += 1
-            total_score += det["score"]
-    return {
-        "images": len(records),
-        "images_with_detections": with_detections,
-        "failed": len(failures),
-        "failures": failures,
-        "boxes": boxes,
-        "boxes_per_class": per_class,
-        "mean_score": round(total_score / boxes, 4) if boxes else None,
-    }
+        counter.add(rec)
+    return counter.summary()
 
 
 # ------------------------------------------------------------------------------------ gallery
@@ -681,7 +705,7 @@ def _hex(rgb: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
-def _summary_html(summary: dict) -> str:
+def _summary_html(summary: dict, failures_href: str | None = None) -> str:
     mean = summary.get("mean_score")
     parts = [
         '<section class="summary">',
@@ -701,7 +725,14 @@ def _summary_html(summary: dict) -> str:
             parts.append(f'<tr{cls}><td>{_esc(name)}</td><td class="n">{_esc(count)}</td></tr>')
         parts.append("</tbody></table>")
     failures = summary.get("failures") or []
-    if failures:
+    if failures_href is not None and summary.get("failed"):
+        href = _relative_href(failures_href, "failures_href", "the summary")
+        n = summary["failed"]
+        parts.append(
+            f'<p class="failures"><a href="{href}">{_esc(n)} image{"s" if n != 1 else ""} '
+            "could not be read: the list with the reasons</a></p>"
+        )
+    elif failures:
         parts.append('<h2>Failures</h2><ul class="failures">')
         for f in failures:
             parts.append(f"<li><code>{_esc(f.get('image'))}</code>: {_esc(f.get('error'))}</li>")
@@ -760,11 +791,15 @@ def gallery_html(
     image_href: Callable[[str], str],
     json_href: Callable[[str], str],
     pages: Sequence[tuple[str, str | None]] = (),
+    failures_href: str | None = None,
 ) -> str:
     """One self-contained HTML5 page: inline CSS, no JavaScript, no external URLs.
 
     A title, the ``summary`` (from :func:`summarize`: counts, boxes per class, failures with
-    their reasons), then one card per record in record order: the thumbnail
+    their reasons — or, with ``failures_href`` (relative), a link to a page listing the
+    failures, e.g. :func:`failures_html`, instead of the list: a gallery split over many
+    pages then does not repeat a long list on every page), then one card per record in
+    record order: the thumbnail
     (``thumbnails[key]``, JPEG bytes, embedded as a ``data:image/jpeg;base64,`` URI) linking to
     the full-size annotated image at ``image_href(key)``, the key, the labels
     (``"Bengal 0.93"``) and a link to ``json_href(key)``. A failed record's card shows its
@@ -788,7 +823,7 @@ def gallery_html(
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-        f"<h1>{_esc(title)}</h1>\n{nav}{_summary_html(summary)}\n"
+        f"<h1>{_esc(title)}</h1>\n{nav}{_summary_html(summary, failures_href)}\n"
         f'<main class="grid">\n{cards}\n</main>\n{nav}</body>\n</html>\n'
     )
 
@@ -804,3 +839,35 @@ def _pages_html(pages: Sequence[tuple[str, str | None]]) -> str:
         else:
             links.append(f'<a href="{_relative_href(href, "page href", label)}">{_esc(label)}</a>')
     return f'<nav class="pages">Pages: {" ".join(links)}</nav>\n'
+
+
+def failures_html(
+    failures: Iterable[Mapping[str, Any]],
+    *,
+    title: str,
+    json_href: Callable[[str], str],
+    back_href: str | None = None,
+) -> str:
+    """One self-contained HTML5 page listing ``failures`` (``{"image", "error"}``, as in
+    :func:`summarize`'s ``failures``): each image's key, linked to ``json_href(key)``, and the
+    reason; ``back_href`` (optional) links back to the gallery. Hrefs must be relative
+    (ValueError otherwise); every string from the data is HTML-escaped."""
+    rows = []
+    for f in failures:
+        key = str(f.get("image"))
+        href = _relative_href(json_href(key), "json_href", key)
+        rows.append(
+            f'<li><a href="{href}"><code>{_esc(key)}</code></a>: {_esc(f.get("error"))}</li>'
+        )
+    back = ""
+    if back_href is not None:
+        href = _relative_href(back_href, "back_href", "the page")
+        back = f'<p><a href="{href}">Back to the gallery</a></p>\n'
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<h1>{_esc(title)}</h1>\n{back}"
+        '<ul class="failures">\n' + "\n".join(rows) + "\n</ul>\n</body>\n</html>\n"
+    )

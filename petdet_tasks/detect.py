@@ -16,18 +16,23 @@ Three phases, so that Airflow can map the middle one over shard groups:
   (``tf.io.decode_image``), and the SavedModel runs on batches: decoded images wait in one
   bucket per size, a full bucket goes through the ``serving_default`` uint8 signature; when
   too many wait (many distinct sizes) the oldest go together through
-  ``encoded_image_string_tensor`` on their raw bytes (the same decoder inside the graph, so the
-  same detections; it costs a second decode). While the next batch runs, a thread pool turns
-  each image's outputs into its record
+  ``encoded_image_string_tensor`` on their raw bytes (a composited image's as its RGB PNG; the
+  same decoder inside the graph, so the same detections; it costs a second decode). While the
+  next batch runs, a thread pool turns each image's outputs into its record
   (:func:`petdet_tasks.annotate.image_record`), draws the boxes, encodes the annotated JPEG and
-  the thumbnail and uploads them. When every image of a shard is written, its part report
-  ``_parts/shard-0000i.json`` follows (records, thumbnails, the files with size and sha256).
+  the thumbnail and uploads them. When every image of a gallery page that the shard holds is
+  done, the shard writes that page's part file ``_parts/shard-0000i/page-0000p.json`` (its
+  records and thumbnails on page ``p``); when every image of the shard is, its part report
+  ``_parts/shard-0000i.json`` follows (records, the files with size and sha256).
   A shard whose part report is there with all its files is skipped, so a retried shard task
   writes nothing twice. An image that cannot be read or decoded gets a failure record with the
   reason and the shard goes on.
-* :func:`gather` — under the commit protocol: checks every shard's part report, merges them
-  into ``detections.jsonl``, ``detections.csv``, ``summary.json`` and the gallery, and commits
-  the manifest, which lists the files the shards wrote with their sha256.
+* :func:`gather` — under the commit protocol, streaming (it holds one shard's records and one
+  page's thumbnails at a time, never all of them): checks every shard's part report, one at a
+  time, then builds and writes one gallery page at a time from that page's part files,
+  appending its records to ``detections.jsonl`` and ``detections.csv``; writes
+  ``summary.json`` and ``failures.html``, and commits the manifest, which lists the files the
+  shards wrote with their sha256.
 
 :func:`detect` runs all three in one process (the CLI): the shards go through one pipeline
 with one loaded model, back to back (the model already uses every core; parallel processes
@@ -63,8 +68,12 @@ Output layout (``detections/<fingerprint>/``)::
                               not_images (files under the input not taken)
     index.html                the gallery, self-contained (inline CSS, thumbnails as data URIs,
                               relative links); gallery-002.html ... when there are more than
-                              500 images, every page linked from every other
-    _parts/shard-0000i.json   part reports: one shard's records, base64 thumbnails and files
+                              500 images, every page linked from every other; the summary's
+                              counts on each, the failure list only on failures.html
+    failures.html             every failed image (linked to its JSON) and the reason; written
+                              when an image failed, linked from every gallery page
+    _parts/shard-0000i.json   part reports: one shard's records and files
+    _parts/shard-0000i/page-0000p.json   one shard's records and base64 thumbnails on page p
     _MANIFEST.json
 
 ``<key>`` is the image's path relative to the listed prefix or folder (for the test split:
@@ -96,6 +105,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -135,13 +145,16 @@ log = logging.getLogger(__name__)
 
 STEP = "detect"
 # 2: .gif/.bmp/.webp taken; summary.json names the files not taken (not_images); transparent
-# images composited onto white; images over images.MAX_PIXELS failed from their header
+# images composited onto white; images over images.MAX_PIXELS failed from their header; the
+# gallery pages link to failures.html instead of each listing every failure; thumbnails in
+# per-page part files
 SCHEMA_VERSION = 2
 PARTS = "_parts/"
 # what tf.io.decode_image reads (TF 2.21: JPEG, PNG, GIF, BMP, WebP); other files under the
 # input prefix or folder are counted and reported (``not_images``), never silently dropped
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 PAGE_SIZE = 500  # gallery cards per HTML page
+FAILURES_PAGE = "failures.html"
 NOT_IMAGE_EXAMPLES = 10  # file names named in the log and summary.json
 JPEG_QUALITY = 90  # annotated images
 THUMBNAIL_QUALITY = 80
@@ -285,6 +298,7 @@ class DetectPlan:
     force: bool = False
     # files under the input prefix or folder that are not taken (list_images)
     not_images: dict = field(default_factory=lambda: {"count": 0, "examples": []})
+    page_size: int = PAGE_SIZE  # gallery cards per page: the shards write thumbnails by page
 
     def groups(self, n_tasks: int) -> list[list[int]]:
         """The shard indices split into ``n_tasks`` JSON-able groups (for Airflow's
@@ -294,6 +308,15 @@ class DetectPlan:
 
     def shard_items(self, unit: int) -> list[Item]:
         return [it for it in self.items if it.shard == unit]
+
+    @property
+    def pages(self) -> int:
+        """How many gallery pages (image ``i`` of the sorted listing is on page
+        ``i // page_size + 1``; one page, empty, for no image)."""
+        return max(1, math.ceil(len(self.items) / self.page_size))
+
+    def page_items(self, page: int) -> list[Item]:
+        return self.items[(page - 1) * self.page_size:page * self.page_size]
 
 
 def resolve_model(store: Store, model_uri: str | None) -> str:
@@ -538,7 +561,7 @@ def plan(store: Store, model_uri: str | None, images: str | None, cfg: DetectCon
     cache_hit = not force and read_manifest(store, prefix) is not None
     return DetectPlan(store.uri(prefix.rstrip("/")), fp, prefix, cache_hit, model.uri,
                       model.fingerprint, items, list(range(cfg.num_shards)), what, config,
-                      inputs, force, not_images)
+                      inputs, force, not_images, PAGE_SIZE)
 
 
 def save_plan(store: Store, p: DetectPlan) -> str:
@@ -549,7 +572,7 @@ def save_plan(store: Store, p: DetectPlan) -> str:
         "schema": 1, "fingerprint": p.fingerprint, "model_uri": p.model_uri,
         "model_fingerprint": p.model_fingerprint, "images": p.images, "config": p.config,
         "inputs": p.inputs, "units": p.units, "items": [list(it) for it in p.items],
-        "not_images": p.not_images})
+        "not_images": p.not_images, "page_size": p.page_size})
 
 
 def load_plan(store: Store, fp: str, *, force: bool = False) -> DetectPlan:
@@ -571,7 +594,7 @@ def load_plan(store: Store, fp: str, *, force: bool = False) -> DetectPlan:
                          "run the plan task again")
     return DetectPlan(uri, fp, prefix, cache_hit, doc["model_uri"], doc["model_fingerprint"],
                       items, [int(u) for u in doc["units"]], doc["images"], doc["config"],
-                      doc["inputs"], force, doc["not_images"])
+                      doc["inputs"], force, doc["not_images"], int(doc["page_size"]))
 
 
 def _check_config(p: DetectPlan, cfg: DetectConfig) -> None:
@@ -583,6 +606,11 @@ def _check_config(p: DetectPlan, cfg: DetectConfig) -> None:
 
 def part_key(p: DetectPlan, unit: int) -> str:
     return f"{p.prefix}{PARTS}shard-{unit:05d}.json"
+
+
+def page_part_rel(unit: int, page: int) -> str:
+    """One shard's records and thumbnails on one gallery page, relative to the prefix."""
+    return f"{PARTS}shard-{unit:05d}/page-{page:05d}.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -663,13 +691,23 @@ def _read_ahead(store: Store, items: list[Item], window: int = 16
 
 
 @dataclass
+class _Page:
+    """One shard's images on one gallery page, until the last of them is done."""
+
+    remaining: int = 0
+    records: list[dict] = field(default_factory=list)
+    thumbnails: dict[str, str] = field(default_factory=dict)  # key → base64 JPEG
+
+
+@dataclass
 class _Unit:
     """Progress of one shard inside :class:`_ShardRunner`."""
 
     index: int
     remaining: int
     records: list[dict] = field(default_factory=list)
-    thumbnails: dict[str, str] = field(default_factory=dict)
+    pages: dict[int, _Page] = field(default_factory=dict)  # the pages not written yet
+    page_numbers: list[int] = field(default_factory=list)  # every page with an image of it
     files: dict[str, dict] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
@@ -685,7 +723,7 @@ class _ShardRunner:
         self.lock = threading.Lock()
         self.units: dict[int, _Unit] = {}
         self.reports: dict[int, dict] = {}
-        self.todo: list[tuple[int, Item]] = []
+        self.todo: list[tuple[int, Item, int]] = []  # (shard, item, gallery page)
         self.model_seconds = 0.0
         self.batches = {"uint8": 0, "encoded": 0}
 
@@ -698,7 +736,7 @@ class _ShardRunner:
     def _finish_image(self, j: int, image, out: dict) -> None:
         from PIL import Image
 
-        u, item = self.todo[j]
+        u, item, page = self.todo[j]
         unit = self.units[u]
         h, w = int(image.shape[0]), int(image.shape[1])
         rec = annotate.image_record(
@@ -714,25 +752,44 @@ class _ShardRunner:
         small = drawn.reduce(factor) if factor > 1 else drawn
         thumb = annotate.thumbnail_jpeg(small, self.cfg.thumbnail_size, THUMBNAIL_QUALITY)
         self._put(unit, f"images/{item.key}.json", _record_json(rec))
-        self._done(unit, rec, thumb)
+        self._done(unit, page, rec, thumb)
 
     def _finish_failure(self, j: int, reason: str) -> None:
-        u, item = self.todo[j]
+        u, item, page = self.todo[j]
         unit = self.units[u]
         log.warning("%s: %s", item.source, reason)
         rec = annotate.failure_record(item.key, reason, item.source)
         self._put(unit, f"images/{item.key}.json", _record_json(rec))
-        self._done(unit, rec, None)
+        self._done(unit, page, rec, None)
 
-    def _done(self, unit: _Unit, rec: dict, thumb: bytes | None) -> None:
+    def _done(self, unit: _Unit, page: int, rec: dict, thumb: bytes | None) -> None:
         with self.lock:
             unit.records.append(rec)
+            part = unit.pages[page]
+            part.records.append(rec)
             if thumb is not None:
-                unit.thumbnails[rec["image"]] = base64.b64encode(thumb).decode("ascii")
+                part.thumbnails[rec["image"]] = base64.b64encode(thumb).decode("ascii")
+            part.remaining -= 1
+            if part.remaining == 0:
+                del unit.pages[page]
+            else:
+                part = None
+        if part is not None:  # the page file is written before this image counts as done,
+            self._write_page(unit, page, part)  # so the part report lists it
+        with self.lock:
             unit.remaining -= 1
             last = unit.remaining == 0
         if last:
             self._write_part(unit)
+
+    def _write_page(self, unit: _Unit, page: int, part: _Page) -> None:
+        """This shard's records and thumbnails on one gallery page (the gather builds the page
+        from these files, one page at a time)."""
+        doc = {"schema": SCHEMA_VERSION, "fingerprint": self.p.fingerprint,
+               "shard": unit.index, "page": page,
+               "records": sorted(part.records, key=lambda r: r["image"]),
+               "thumbnails": dict(sorted(part.thumbnails.items()))}
+        self._put(unit, page_part_rel(unit.index, page), json.dumps(doc, sort_keys=True).encode())
 
     def _write_part(self, unit: _Unit) -> None:
         records = sorted(unit.records, key=lambda r: r["image"])
@@ -745,7 +802,8 @@ class _ShardRunner:
             "failed": sum(1 for r in records if "error" in r),
             "boxes": sum(len(r.get("detections", ())) for r in records),
             "records": records,
-            "thumbnails": dict(sorted(unit.thumbnails.items())),
+            "pages": unit.page_numbers,
+            "page_size": self.p.page_size,
             "files": dict(sorted(unit.files.items())),
             "seconds": round(time.monotonic() - unit.started, 3),
         }
@@ -791,10 +849,15 @@ class _ShardRunner:
     def run(self, units: list[int]) -> None:
         import tensorflow as tf
 
+        position = {it.key: i for i, it in enumerate(self.p.items)}
         for u in units:
             items = self.p.shard_items(u)
-            self.units[u] = _Unit(u, len(items))
-            self.todo.extend((u, it) for it in items)
+            unit = self.units[u] = _Unit(u, len(items))
+            for it in items:
+                page = position[it.key] // self.p.page_size + 1
+                unit.pages.setdefault(page, _Page()).remaining += 1
+                self.todo.append((u, it, page))
+            unit.page_numbers = sorted(unit.pages)
         for u in units:
             if self.units[u].remaining == 0:
                 self._write_part(self.units[u])
@@ -803,7 +866,7 @@ class _ShardRunner:
         raw: dict[int, bytes] = {}
         read_errors: dict[int, str] = {}
         fatal: list[BaseException] = []
-        items = [it for _, it in self.todo]
+        items = [it for _, it, _ in self.todo]
 
         def generate():
             try:
@@ -973,15 +1036,11 @@ def _finished_part(store: Store, p: DetectPlan, unit: int, listed: Callable[[], 
     return report
 
 
-def _public(report: dict) -> dict:
-    """A part report without its thumbnails (what :func:`run_shards` returns)."""
-    return {k: v for k, v in report.items() if k != "thumbnails"}
-
-
 def run_shards(store: Store, p: DetectPlan, units: Iterable[int], cfg: DetectConfig, *,
                cache_dir=None) -> list[dict]:
     """Detect on the given shards (one Airflow mapped task, or the CLI with every shard);
-    returns their part reports without the thumbnails (``records``, ``files``, counts).
+    returns their part reports (``records``, ``files``, counts, ``pages``; the thumbnails
+    are in the per-page part files).
 
     Shards already written (part report + files present) are skipped without loading the
     model; the others run back to back through one pipeline (module doc)."""
@@ -1031,7 +1090,7 @@ def run_shards(store: Store, p: DetectPlan, units: Iterable[int], cfg: DetectCon
                  "encoded batches; model load %.1fs)", todo, n, secs,
                  n / secs if secs else math.inf, runner.model_seconds,
                  runner.batches["uint8"], runner.batches["encoded"], t0 - started)
-    return [_public(reports[u]) for u in units]
+    return [reports[u] for u in units]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1052,89 +1111,145 @@ def _href(folder: str, key: str, ext: str) -> str:
     return f"{folder}/{quote(key, safe='/')}{ext}"
 
 
-def gallery_pages(records: list[dict], thumbnails: dict[str, bytes], summary: dict, *,
-                  title: str, page_size: int = PAGE_SIZE) -> dict[str, str]:
-    """File name → HTML of every gallery page (``page_size`` cards each, all pages linked)."""
-    chunks = [records[i:i + page_size] for i in range(0, len(records), page_size)] or [[]]
-    names = [page_name(i + 1) for i in range(len(chunks))]
-    pages = {}
-    for i, chunk in enumerate(chunks):
-        nav = [(str(k + 1), None if k == i else names[k]) for k in range(len(chunks))] \
-            if len(chunks) > 1 else []
-        suffix = f" — page {i + 1} of {len(chunks)}" if len(chunks) > 1 else ""
-        pages[names[i]] = annotate.gallery_html(
-            chunk, thumbnails, title=title + suffix, summary=summary,
-            image_href=lambda k: _href("annotated", k, ".jpg"),
-            json_href=lambda k: _href("images", k, ".json"), pages=nav)
-    return pages
+def gallery_page(records: list[dict], thumbnails: dict[str, bytes], summary: dict, *,
+                 title: str, page: int, pages: int, failures: bool) -> str:
+    """The HTML of gallery page ``page`` of ``pages`` (every page linked from it): its cards,
+    the summary's counts and, when there are failures, a link to :data:`FAILURES_PAGE`
+    (the failure list itself is on that page only)."""
+    names = [page_name(k + 1) for k in range(pages)]
+    nav = [(str(k + 1), None if k + 1 == page else names[k]) for k in range(pages)] \
+        if pages > 1 else []
+    suffix = f" — page {page} of {pages}" if pages > 1 else ""
+    return annotate.gallery_html(
+        records, thumbnails, title=title + suffix, summary=summary,
+        image_href=lambda k: _href("annotated", k, ".jpg"),
+        json_href=lambda k: _href("images", k, ".json"), pages=nav,
+        failures_href=FAILURES_PAGE if failures else None)
 
 
-def _failure_reasons(records: list[dict]) -> dict[str, int]:
-    reasons = Counter(r["error"].split(":", 1)[0] for r in records if "error" in r)
+def _failure_reasons(failures: list[dict]) -> dict[str, int]:
+    reasons = Counter(f["error"].split(":", 1)[0] for f in failures)
     return dict(sorted(reasons.items()))
+
+
+def _read_part(store: Store, p: DetectPlan, unit: int) -> tuple[dict, bytes] | None:
+    key = part_key(p, unit)
+    try:
+        data = store.get_bytes(key)[0]
+    except NotFound:
+        return None
+    report = json.loads(data)
+    if (report.get("fingerprint") != p.fingerprint or report.get("shard") != unit
+            or report.get("page_size") != p.page_size):
+        raise StoreError(f"{store.uri(key)} is not shard {unit} of {p.uri}")
+    return report, data
+
+
+def _read_page_parts(store: Store, p: DetectPlan, page: int
+                     ) -> tuple[list[dict], dict[str, bytes]]:
+    """The records (sorted by key) and thumbnails of gallery page ``page``, from the page part
+    files of the shards that have images on it; checked against the plan."""
+    items = p.page_items(page)
+    records: list[dict] = []
+    thumbnails: dict[str, bytes] = {}
+    for unit in sorted({it.shard for it in items}):
+        rel = page_part_rel(unit, page)
+        doc = json.loads(store.get_bytes(p.prefix + rel)[0])
+        if (doc.get("fingerprint") != p.fingerprint or doc.get("shard") != unit
+                or doc.get("page") != page):
+            raise StoreError(f"{store.uri(p.prefix + rel)} is not page {page} of shard {unit} "
+                             f"of {p.uri}")
+        records.extend(doc["records"])
+        thumbnails.update((k, base64.b64decode(v)) for k, v in doc["thumbnails"].items())
+    records.sort(key=lambda r: r["image"])
+    if [r["image"] for r in records] != [it.key for it in items]:
+        raise StoreError(f"the page part files of page {page} of {p.uri} do not hold that "
+                         "page's images: run the shard tasks again (force)")
+    return records, thumbnails
 
 
 def gather(store: Store, p: DetectPlan, cfg: DetectConfig, *, run_id: str | None = None
            ) -> StepResult:
     """Commit the step: every shard present and complete, the merged files and the gallery
-    written, the shard-written files registered, manifest last."""
+    written, the shard-written files registered, manifest last.
+
+    Streams, so that it never holds every record and thumbnail at once: the part reports
+    are read one at a time (files registered, listing coverage checked, summary counted),
+    then each gallery page is built from its own page part files alone, written, and its
+    records appended to ``detections.jsonl`` / ``detections.csv`` (local temporary files,
+    uploaded at the end). The failure list goes to ``failures.html`` (and ``summary.json``),
+    which every page links to, instead of onto every page."""
     _check_config(p, cfg)
 
     def body(writer: StepWriter) -> dict:
         labels = _model_labels(store, p)
-        records: list[dict] = []
-        thumbnails: dict[str, bytes] = {}
+        counter = annotate.SummaryCounter(labels)
         missing = []
+        lost, dupes, extra = [], [], []
         for u in p.units:
-            key = part_key(p, u)
-            try:
-                data = store.get_bytes(key)[0]
-            except NotFound:
+            found = _read_part(store, p, u)
+            if found is None:
                 missing.append(u)
                 continue
-            report = json.loads(data)
-            if report.get("fingerprint") != p.fingerprint or report.get("shard") != u:
-                raise StoreError(f"{store.uri(key)} is not shard {u} of {p.uri}")
-            records.extend(report["records"])
-            thumbnails.update({k: base64.b64decode(v)
-                               for k, v in report.get("thumbnails", {}).items()})
+            report, data = found
             for rel, e in report["files"].items():
                 writer.register(rel, FileEntry(e["size"], e["sha256"]))
-            writer.register(key[len(p.prefix):], FileEntry(len(data), _sha256(data)))
+            writer.register(part_key(p, u)[len(p.prefix):], FileEntry(len(data), _sha256(data)))
+            seen = Counter(r["image"] for r in report["records"])
+            planned = {it.key for it in p.shard_items(u)}
+            lost += sorted(planned - set(seen))
+            dupes += sorted(k for k, n in seen.items() if n > 1)
+            extra += sorted(set(seen) - planned)
+            for rec in report["records"]:
+                counter.add(rec)
+            del report, data
         register_plan_record(writer)
         if missing:
             raise StoreError(f"{len(missing)} of {len(p.units)} shards of {p.uri} are not "
                              f"written yet (shards {missing[:10]}); run the shard tasks first")
-        records.sort(key=lambda r: r["image"])
-        seen = Counter(r["image"] for r in records)
-        planned = {it.key for it in p.items}
-        dupes = sorted(k for k, n in seen.items() if n > 1)
-        lost = sorted(planned - set(seen))
-        extra = sorted(set(seen) - planned)
         if dupes or lost or extra:
             raise StoreError(f"the shards of {p.uri} do not cover the listing: "
                              f"{len(lost)} images without a record (e.g. {lost[:3]}), "
                              f"{len(dupes)} with several ({dupes[:3]}), "
                              f"{len(extra)} not listed ({extra[:3]})")
-        summary = annotate.summarize(records, labels)
-        pages = gallery_pages(records, thumbnails, summary,
-                              title=f"petdet detections — {len(records)} images")
+        summary = counter.summary()
+        failures = summary["failures"]
+        failures.sort(key=lambda f: f["image"])  # counted shard by shard
+        on_pages = {k: v for k, v in summary.items() if k != "failures"}
+        title = f"petdet detections — {summary['images']} images"
+        names = [page_name(k + 1) for k in range(p.pages)]
+        with tempfile.TemporaryDirectory(prefix="petdet-gather-") as tmp:
+            jsonl_path, csv_path = Path(tmp, "detections.jsonl"), Path(tmp, "detections.csv")
+            with open(jsonl_path, "wb") as jsonl, open(csv_path, "wb") as csv:
+                for page in range(1, p.pages + 1):
+                    records, thumbnails = _read_page_parts(store, p, page)
+                    jsonl.write(annotate.records_to_jsonl(records))
+                    csv.write(annotate.records_to_csv(records, header=page == 1))
+                    html = gallery_page(records, thumbnails, on_pages, title=title, page=page,
+                                        pages=p.pages, failures=bool(failures))
+                    del records, thumbnails
+                    writer.put_bytes(names[page - 1], html.encode("utf-8"))
+                    del html
+            writer.put_file("detections.jsonl", jsonl_path)
+            writer.put_file("detections.csv", csv_path)
+        if failures:
+            writer.put_bytes(FAILURES_PAGE, annotate.failures_html(
+                failures, title=f"petdet detections — {len(failures)} failed images",
+                json_href=lambda k: _href("images", k, ".json"), back_href="index.html",
+            ).encode("utf-8"))
         summary_json = {
             **summary,
-            "failure_reasons": _failure_reasons(records),
+            "failure_reasons": _failure_reasons(failures),
             "model_uri": p.model_uri,
             "model_fingerprint": p.model_fingerprint,
             "input": p.images,
             "not_images": p.not_images,
             "config": p.config,
             "shards": len(p.units),
-            "pages": list(pages),
+            "pages": names,
+            "failures_page": FAILURES_PAGE if failures else None,
         }
-        writer.put_bytes("detections.jsonl", annotate.records_to_jsonl(records))
-        writer.put_bytes("detections.csv", annotate.records_to_csv(records))
         writer.put_json("summary.json", summary_json)
-        for name, page in pages.items():
-            writer.put_bytes(name, page.encode("utf-8"))
         not_taken = (f"; {_describe_not_images(p.not_images)}" if p.not_images["count"]
                      else "")
         log.info("detect: %d images, %d with detections, %d boxes, %d failed (%s)%s; "
@@ -1146,7 +1261,7 @@ def gather(store: Store, p: DetectPlan, cfg: DetectConfig, *, run_id: str | None
                 "images_with_detections": summary["images_with_detections"],
                 "boxes": summary["boxes"], "failed": summary["failed"],
                 "not_images": p.not_images["count"],
-                "gallery": "index.html", "pages": len(pages), "shards": len(p.units),
+                "gallery": "index.html", "pages": p.pages, "shards": len(p.units),
                 "model_uri": p.model_uri, "model_fingerprint": p.model_fingerprint}
 
     return run_step(store, STEP, SCHEMA_VERSION, inputs=p.inputs, config=p.config, body=body,

@@ -20,12 +20,12 @@ import pytest
 from PIL import Image
 
 from petdet_tasks import annotate
+from petdet_tasks import detect as detect_module
 from petdet_tasks.detect import (
     JPEG_QUALITY,
     DetectConfig,
     InputChanged,
     NoProductionModel,
-    gallery_pages,
     gather,
     load_plan,
     part_key,
@@ -335,21 +335,64 @@ def test_gallery_lists_every_image_once_and_works_from_a_local_copy(setup, tmp_p
         assert not parts.scheme and not parts.netloc and not href.startswith("/"), href
         assert (copy / unquote(parts.path)).is_file(), href
     assert "<script" not in page and "http://" not in page and "https://" not in page
+    # the failure list is on failures.html, linked from the page
+    assert "failures.html" in links.hrefs and (copy / "failures.html").is_file()
+    failures = _parse((copy / "failures.html").read_text())
+    assert "images/broken.json" in failures.hrefs and "index.html" in failures.hrefs
 
-    # more images than a page holds: every page self-contained, linked, each key once
-    recs = sorted(records.values(), key=lambda r: r["image"])
-    thumbs = {k: annotate.thumbnail_jpeg(Image.new("RGB", (30, 20)), 16) for k in records}
-    names = {d["class_id"]: d["class_name"] for r in recs for d in r.get("detections", [])}
-    pages = gallery_pages(recs, thumbs, annotate.summarize(recs, names), title="t",
-                          page_size=4)
-    assert list(pages) == ["index.html", "gallery-002.html"]
+
+def test_gallery_is_built_one_page_at_a_time_and_lists_the_failures_once(setup, tmp_path,
+                                                                         monkeypatch):
+    """More images than a page holds: each page is built from its own images' thumbnails
+    only (the gather's memory does not grow with the image count), every page links every
+    other and failures.html, which alone lists the failures (they were on every page: the
+    HTML grew with pages x failures); every file is registered in the manifest."""
+    work, store, model_uri, _ = setup
+    folder = tmp_path / "paged"
+    folder.mkdir()
+    for name, data in _good_images(work, 5):
+        (folder / f"{name}.jpg").write_bytes(data)
+    (folder / "bad-text.jpg").write_bytes(b"not a picture")
+    (folder / "bad-empty.jpg").write_bytes(b"")
+    monkeypatch.setattr(detect_module, "PAGE_SIZE", 2)
+    calls = []
+    real = annotate.gallery_html
+
+    def spy(records, thumbnails, **kw):
+        calls.append((len(records), len(thumbnails)))
+        return real(records, thumbnails, **kw)
+
+    monkeypatch.setattr(annotate, "gallery_html", spy)
+    cfg = DetectConfig(score_threshold=LOW, max_boxes=2, num_shards=3)
+    result = run_detect(store, model_uri, str(folder), cfg, cache_dir=work / "cache")
+    names = ["index.html", "gallery-002.html", "gallery-003.html", "gallery-004.html"]
+    assert result.outputs["pages"] == 4 and result.outputs["failed"] == 2
+    assert len(calls) == 4 and all(n <= 2 and t <= 2 for n, t in calls), calls
+    prefix = _prefix(result)
+    files = result.manifest["files"]
+    assert {o.key[len(prefix):] for o in store.list(prefix)} == set(files) | {"_MANIFEST.json"}
+    summary = json.loads(store.read_text(prefix + "summary.json"))
+    assert summary["pages"] == names and summary["failures_page"] == "failures.html"
+    assert [f["image"] for f in summary["failures"]] == ["bad-empty", "bad-text"]
+    records = _records(store, result)
+    assert list(records) == sorted(records) and len(records) == 7  # jsonl in key order
+    csv_rows = store.read_text(prefix + "detections.csv").splitlines()
+    assert csv_rows.count(",".join(annotate.CSV_COLUMNS)) == 1
+    assert len(csv_rows) - 1 == sum(max(1, len(r.get("detections", [])))
+                                    for r in records.values())
     seen = []
-    for name, page in pages.items():
+    for name in names:
+        page = store.read_text(prefix + name)
         parsed = _parse(page)
         seen += parsed.keys
-        others = {n for n in pages if n != name}
-        assert others <= set(parsed.hrefs)
-    assert sorted(seen) == sorted(records)
+        assert set(names) - {name} <= set(parsed.hrefs) and "failures.html" in parsed.hrefs
+        assert "<h2>Failures</h2>" not in page
+        for f in summary["failures"]:  # a failure appears only on its own card's page
+            assert (f["image"] in page) == (f["image"] in parsed.keys)
+    assert seen == list(records)  # every image once, in order
+    failures = store.read_text(prefix + "failures.html")
+    assert "bad-text" in failures and "bad-empty" in failures
+    assert "Unknown image file format" in failures
 
 
 def test_corrupt_inputs_are_reported_and_the_shards_commit(setup, served, tmp_path):
@@ -545,8 +588,8 @@ def _idempotency(store: Store, model_uri: str, images: str, work: Path, monkeypa
     assert shard1 and counting.keys
     for key in counting.keys:
         rel = key[len(p.prefix):]
-        assert rel == "_parts/shard-00001.json" or rel.split("/", 1)[1].rsplit(".", 1)[0] \
-            in shard1, rel
+        assert rel.startswith(("_parts/shard-00001.json", "_parts/shard-00001/")) \
+            or rel.split("/", 1)[1].rsplit(".", 1)[0] in shard1, rel
     assert redo[0]["records"] == first[1]["records"]
     assert {o.key: o.size for o in store.list(p.prefix)}.keys() == before.keys()
 

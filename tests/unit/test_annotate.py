@@ -452,6 +452,68 @@ def test_gallery_attribute_escapes_and_refuses_absolute_hrefs():
             _gallery(recs, image_href=lambda k, bad=bad: bad)
 
 
+def test_records_to_csv_in_parts_equals_it_in_one():
+    recs = _records()
+    parts = A.records_to_csv(recs[:1]) + A.records_to_csv(recs[1:], header=False)
+    assert parts == A.records_to_csv(recs)
+    assert A.records_to_csv([], header=False) == b""
+
+
+def test_summary_counter_counts_record_by_record_as_summarize():
+    recs = [*_records(), record("d.jpg", rows=[([0.1, 0.1, 0.9, 0.9], 0.88, 9)])]
+    counter = A.SummaryCounter(NAMES)
+    for rec in recs:
+        counter.add(rec)
+    assert counter.summary() == A.summarize(recs, NAMES)
+    with pytest.raises(ValueError, match="unknown class id 6"):
+        A.SummaryCounter({1: "Abyssinian"}).add(recs[0])
+    with pytest.raises(ValueError, match="schema"):
+        A.SummaryCounter(NAMES).add({**recs[0], "schema": 9})
+
+
+def test_gallery_links_to_a_failures_page_instead_of_listing_them():
+    """A gallery split over pages must not repeat the failure list on each: with
+    ``failures_href`` the summary links to it; the failed card itself stays."""
+    recs = [*_records(), A.failure_record("z.jpg", "image too large: 100000000 pixels")]
+    summary = A.summarize(recs, NAMES)
+    page = A.gallery_html(recs[:1], {}, title="t", summary=summary,
+                          image_href=lambda k: f"annotated/{k}",
+                          json_href=lambda k: f"images/{k}.json", failures_href="failures.html")
+    assert '<a href="failures.html">2 images could not be read' in page
+    assert "cannot identify image file" not in page and "too large" not in page
+    assert "<h2>Failures</h2>" not in page
+    without = A.gallery_html(recs[:1], {}, title="t", summary=summary,
+                             image_href=lambda k: f"annotated/{k}",
+                             json_href=lambda k: f"images/{k}.json")
+    assert "<h2>Failures</h2>" in without and "too large" in without  # as before
+    ok = A.summarize(recs[:1], NAMES)
+    clean = A.gallery_html(recs[:1], {}, title="t", summary=ok,
+                           image_href=lambda k: f"annotated/{k}",
+                           json_href=lambda k: f"images/{k}.json", failures_href="failures.html")
+    assert "failures.html" not in clean  # nothing to link to
+    with pytest.raises(ValueError, match="relative"):
+        A.gallery_html(recs[:1], {}, title="t", summary=summary,
+                       image_href=lambda k: f"annotated/{k}",
+                       json_href=lambda k: f"images/{k}.json",
+                       failures_href="https://example.com/f.html")
+
+
+def test_failures_page_lists_each_failure_escaped_and_linked():
+    failures = [{"image": "a&b", "error": "undecodable: <bad>"},
+                {"image": "c", "error": "image too large: 100000000 pixels"}]
+    page = A.failures_html(failures, title="2 failed <x>",
+                           json_href=lambda k: f"images/{k}.json", back_href="index.html")
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert page.count("<li>") == 2
+    assert '<a href="images/a&amp;b.json"><code>a&amp;b</code></a>: undecodable: &lt;bad&gt;' \
+        in page
+    assert "image too large" in page and 'href="index.html"' in page
+    assert "<x>" not in page and "<bad>" not in page
+    assert "http://" not in page and "<script" not in page
+    with pytest.raises(ValueError, match="relative"):
+        A.failures_html(failures, title="t", json_href=lambda k: f"/abs/{k}")
+
+
 def test_module_does_not_import_tensorflow():
     source = open(A.__file__, encoding="utf-8").read()
     assert "tensorflow" not in source.replace("TensorFlow", "")

@@ -188,7 +188,7 @@ def test_the_recorded_plan_stays_plain_json(tmp_path):
     folder = _folder(tmp_path)
     p = det.plan(store, model.uri, str(folder), det.DetectConfig())
     doc = json.loads(store.read_text(det.save_plan(store, p)))
-    assert doc["not_images"]["count"] == 3
+    assert doc["not_images"]["count"] == 3 and doc["page_size"] == det.PAGE_SIZE
     assert step_prefix("detect", p.fingerprint) == p.prefix
 
 
