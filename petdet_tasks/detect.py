@@ -138,7 +138,7 @@ from petdet_tasks.manifest import (
     run_step,
     save_plan_record,
 )
-from petdet_tasks.registry import read_production
+from petdet_tasks.registry import production_model_uri, read_production
 from petdet_tasks.store import FileEntry, NotFound, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -167,8 +167,9 @@ _MODEL_CACHE: dict[str, Any] = {}  # one loaded SavedModel per process, by local
 _MODEL_LOCK = threading.Lock()
 
 
-class NoProductionModel(LookupError):
-    """No model was given and the registry has no production model yet."""
+class NoProductionModel(PermanentError, LookupError):
+    """No model was given and the registry has no production model yet (a retry minutes later
+    finds none either: promote a model, or pass one)."""
 
 
 class NoImagesToDetect(PermanentError, FileNotFoundError):
@@ -330,9 +331,10 @@ def resolve_model(store: Store, model_uri: str | None) -> str:
             f"no model given and no production model yet ({store.uri(PRODUCTION_POINTER)} "
             "does not exist): evaluate and promote a model first, or pass a model URI "
             "(--model models/<fingerprint>)")
-    log.info("using the production model %s (%s %s)", pointer["model_uri"], pointer["metric"],
+    model = production_model_uri(store, pointer)  # by fingerprint: the store may have moved
+    log.info("using the production model %s (%s %s)", model, pointer["metric"],
              pointer["value"])
-    return str(pointer["model_uri"])
+    return model
 
 
 def safe_key(rel: str) -> str:

@@ -160,6 +160,18 @@ def test_resolve_model_needs_a_production_model_or_a_uri(setup, tmp_path):
             metrics={"mAP": 0.01})
     assert resolve_model(store, None) == model_uri
     assert resolve_model(store, "") == model_uri
+    # a store restored under another root: the pointer still names the old one, and the
+    # model is found by its fingerprint here (it failed: "... is not under the store root")
+    import json
+
+    from petdet_tasks.errors import PermanentError
+    from petdet_tasks.layout import PRODUCTION_POINTER
+
+    pointer = json.loads(store.get_bytes(PRODUCTION_POINTER)[0])
+    store.put_bytes(PRODUCTION_POINTER, json.dumps(
+        {**pointer, "model_uri": f"s3://old-bucket/petdet/models/{fp}"}).encode())
+    assert resolve_model(store, None) == model_uri
+    assert issubclass(NoProductionModel, PermanentError)  # not retried: promote one first
 
 
 def test_test_split_records_match_the_served_model(setup, served):
