@@ -210,14 +210,32 @@ class ServingFunctions:
         x, denom = self._letterbox(input_tensor, h, w)
         return self.detect_letterboxed(x, denom)
 
+    def decode_on_white(self, data):
+        """An encoded image → uint8 ``[H, W, 3]``, as the TFRecords step sees it: a PNG's
+        transparency (an alpha channel, or a tRNS colour or palette entry) is composited onto
+        white (``petdet_tasks.images``), not dropped, which turned transparent backgrounds into
+        black or noise that the model never saw in training; other formats decode to RGB."""
+        tf = self.tf
+
+        def png():
+            rgba = tf.cast(tf.io.decode_png(data, channels=4), tf.float32)
+            alpha = rgba[..., 3:] / 255.0
+            return tf.cast(tf.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)), tf.uint8)
+
+        def other():
+            return tf.io.decode_image(data, channels=3, dtype=tf.uint8,
+                                      expand_animations=False)
+
+        is_png = tf.equal(tf.strings.substr(data, 0, 8), b"\x89PNG\r\n\x1a\n")
+        return tf.cond(is_png, png, other)
+
     def from_encoded(self, input_tensor):
         """string ``[N]`` (encoded images, any sizes) → detections."""
         tf = self.tf
         s = self.size
 
         def one(data):
-            image = tf.io.decode_image(data, channels=3, dtype=tf.uint8,
-                                       expand_animations=False)
+            image = self.decode_on_white(data)
             shape = tf.shape(image)
             x, denom = self._letterbox(image[None], tf.cast(shape[0], tf.float32),
                                        tf.cast(shape[1], tf.float32))

@@ -141,6 +141,36 @@ def test_encoded_signature_takes_jpeg_and_png_of_different_sizes(exported):
     compare_detections(direct, {k: v[:1] for k, v in out.items()}, score_threshold=0.05)
 
 
+def test_encoded_signature_sees_transparent_pngs_on_white_as_training_does(exported):
+    """The TFRecords step composites transparency onto white (petdet_tasks.images); the served
+    model dropped the alpha channel instead, so a transparent background reached it as black
+    (or whatever colour the invisible pixels had). Each PNG must detect as its pixels on white,
+    through the uint8 signature, do."""
+    from petdet_tasks.images import _to_rgb
+
+    _, model, _ = exported
+    rng = np.random.default_rng(7)
+    rgba = rng.integers(0, 256, (90, 120, 4), dtype=np.uint8)
+    rgba[:30, :, 3] = 0  # a fully transparent band: black, noise and white must all vanish
+    la = rng.integers(0, 256, (64, 80, 2), dtype=np.uint8)
+    palette = Image.fromarray(rng.integers(0, 16, (70, 50), dtype=np.uint8), "P")
+    palette.putpalette(rng.integers(0, 256, 768).tolist())
+    cases = [(Image.fromarray(rgba, "RGBA"), {}), (Image.fromarray(la, "LA"), {}),
+             (palette, {"transparency": 3})]
+    for img, kw in cases:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", **kw)
+        on_white, note = _to_rgb(Image.open(io.BytesIO(buf.getvalue())), "PNG")
+        assert "composited on white" in note
+        pixels = np.asarray(on_white.convert("RGB"))
+        served = call_signature(model, SIGNATURE_ENCODED, [buf.getvalue()])
+        direct = call_signature(model, SIGNATURE_IMAGES, pixels[None])
+        compare_detections(direct, served, score_threshold=0.05)
+        dropped = call_signature(model, SIGNATURE_IMAGES, np.asarray(img.convert("RGB"))[None])
+        assert not np.allclose(dropped["detection_scores"], served["detection_scores"]), (
+            img.mode, "the alpha-dropped pixels would detect differently")
+
+
 def test_frozen_graph_runs_in_a_tf1_session_like_the_tutorial(trained, exported):
     import tensorflow as tf
 
