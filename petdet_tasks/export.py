@@ -63,7 +63,7 @@ from petdet_tasks.store import Store
 log = logging.getLogger(__name__)
 
 STEP = "export"
-SCHEMA_VERSION = 2  # 2: boxes wholly outside the image dropped before NMS
+SCHEMA_VERSION = 3  # 2: boxes wholly outside the image dropped before NMS; 3: PNG alpha on white
 SIGNATURE_IMAGES = "serving_default"
 SIGNATURE_ENCODED = "encoded_image_string_tensor"
 INPUT_KEY = "input_tensor"
