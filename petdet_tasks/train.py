@@ -24,7 +24,6 @@ its single CPU replica runs the same code); ``batch_size`` is per replica, the g
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -315,6 +314,7 @@ class _Checkpointer:
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=self.step)
         self.uploaded: list[int] = []
+        self.latest: dict = {}  # the restored checkpoint's latest.json
 
     def latest_step(self) -> int | None:
         try:
@@ -322,6 +322,7 @@ class _Checkpointer:
                                                      + "latest.json")[0])
         except NotFound:
             return None
+        self.latest = latest
         return int(latest["step"])
 
     def restore(self) -> int:
@@ -340,9 +341,10 @@ class _Checkpointer:
                                f"latest.json says {step}")
         return step
 
-    def save(self, step: int, extra_files: dict[str, Path]) -> None:
+    def save(self, step: int, extra_files: dict[str, Path], *, examples: int) -> None:
         """Checkpoint files first, then the extra files, then ``latest.json`` (the pointer a
-        resumed run follows), then the checkpoints older than the last two are dropped."""
+        resumed run follows; ``examples``: images of the input stream trained on so far), then
+        the checkpoints older than the last two are dropped."""
         name = f"ckpt-{step}"
         self.step.assign(step)
         path = self.ckpt.write(str(self.local / name))
@@ -352,7 +354,8 @@ class _Checkpointer:
             if f.exists():
                 self.store.put_file(self.writer.prefix + rel, f)
         self.store.put_bytes(self.writer.prefix + CHECKPOINTS + "latest.json",
-                             json.dumps({"step": step, "path": Path(path).name}).encode())
+                             json.dumps({"step": step, "path": Path(path).name,
+                                         "examples": examples}).encode())
         self.uploaded.append(step)
         for old in self.uploaded[:-KEEP_CHECKPOINTS]:
             for obj in list(self.store.list(self.writer.prefix + CHECKPOINTS + f"ckpt-{old}.")):
@@ -443,25 +446,33 @@ def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: Trai
 
     history_path = work / "history.jsonl"
     logs_dir = work / "logs"
-    progress = _Progress(cfg, global_batch, start, history, history_path, logs_dir)
     every = cfg.checkpoint_every_n
-    step = start
-    if step < cfg.num_steps:
-        log.info("training steps %d..%d, global batch %d, %s, checkpoint every %d", step,
+    # images of the training stream consumed before this attempt (older checkpoints did not
+    # record it: their runs had the same global batch throughout)
+    examples = int(checkpointer.latest.get("examples", start * global_batch))
+
+    def checkpoint(at: int) -> None:
+        checkpointer.save(at, {"history.jsonl": history_path},
+                          examples=examples + (at - start) * global_batch)
+
+    progress = _Progress(cfg, global_batch, start, history, history_path, logs_dir, checkpoint)
+    remaining = cfg.num_steps - start
+    if remaining > 0:
+        log.info("training steps %d..%d, global batch %d, %s, checkpoint every %d", start,
                  cfg.num_steps, global_batch, cfg.optimizer, every)
-    while step < cfg.num_steps:
-        # one fit() per checkpoint interval: the last one may be shorter
-        n = min(every - step % every, cfg.num_steps - step)
-        # a fresh input stream per interval, seeded by its first step: no interval replays
-        # another's shuffle and augmentation draws, and a resumed run sees what an
-        # uninterrupted one would have seen
-        train_ds = make_dataset(train_paths, labels.ids,
-                                dataclasses.replace(in_cfg, seed=cfg.seed + step),
-                                training=True)
-        detector.fit(train_ds, steps_per_epoch=n, epochs=1, verbose=0, callbacks=[progress])
-        step += n
-        if step < cfg.num_steps:
-            checkpointer.save(step, {"history.jsonl": history_path})
+        # one input stream for the whole run: every epoch reads every record (a stream per
+        # checkpoint interval read only the heads of a few shards each time); a resumed run
+        # continues it where the checkpoint left it
+        train_ds = make_dataset(train_paths, labels.ids, in_cfg, training=True, skip=examples)
+        # one fit() whose epochs are checkpoint intervals (Keras keeps the iterator across
+        # them and resets its running loss mean at each); the callback checkpoints at every
+        # multiple of checkpoint_every_n and stops at num_steps
+        interval = min(every, remaining)
+        detector.fit(train_ds, steps_per_epoch=interval, epochs=math.ceil(remaining / interval),
+                     verbose=0, callbacks=[progress])
+    step = progress.step
+    if step != cfg.num_steps:
+        raise RuntimeError(f"training stopped at step {step} of {cfg.num_steps}")
     final_step = step
     applied = int(optimizer.iterations.numpy())
     if applied != final_step:
@@ -480,7 +491,7 @@ def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: Trai
         if not rel.startswith(f"ckpt-{final_step}.") and rel != "latest.json":
             store.delete(writer.prefix + CHECKPOINTS + rel)
     if final_step not in checkpointer.uploaded:
-        checkpointer.save(final_step, {})
+        checkpointer.save(final_step, {}, examples=examples + (final_step - start) * global_batch)
     for rel in _listing(store, writer.prefix + CHECKPOINTS):
         local = ckpt_dir / rel
         if local.exists():  # uploaded by the checkpointer just now: record, don't re-upload
@@ -517,25 +528,27 @@ def _make_progress_class():
         the same numbers to history.jsonl and TensorBoard (keyed by the true global step, so a
         resumed run continues the curves)."""
 
-        def __init__(self, cfg, global_batch, start, history, history_path, logs_dir):
+        def __init__(self, cfg, global_batch, start, history, history_path, logs_dir,
+                     checkpoint):
             super().__init__()
             self.cfg, self.batch, self.step = cfg, global_batch, start
+            self.checkpoint, self.saved = checkpoint, start
             self.history, self.history_path = history, history_path
             self.summary = tf.summary.create_file_writer(str(logs_dir))
             self.t_last = time.monotonic()
             self.step_at_last = start
             self.losses: list[float] = []
 
-        def on_train_begin(self, logs=None):
-            self.running = 0.0  # Keras reports the mean loss since the start of fit()
+        def on_epoch_begin(self, epoch, logs=None):
+            self.running = 0.0  # Keras reports the mean loss since the start of the epoch
 
         def on_train_batch_end(self, batch, logs=None):
             self.step += 1
             running = float((logs or {}).get("loss", float("nan")))
             if not abs(running) < DIVERGED_LOSS:  # also NaN
                 lr, since = self.cfg.learning_rate, self.step - batch - 1
-                kept = (f"the checkpoints up to step {since} are kept" if since else
-                        "no checkpoint was written")
+                kept = (f"the checkpoints up to step {self.saved} are kept" if self.saved
+                        else "no checkpoint was written")
                 raise TrainingDiverged(
                     f"training diverged at step {self.step}: the mean loss since step {since} "
                     f"is {running:g}. Nothing is committed ({kept}), but the same config would "
@@ -546,8 +559,15 @@ def _make_progress_class():
             # this batch's own loss, recovered from the running mean over batches 0..batch
             self.losses.append((batch + 1) * running - batch * self.running)
             self.running = running
-            if self.step % self.cfg.log_every_n and self.step != self.cfg.num_steps:
-                return
+            if not (self.step % self.cfg.log_every_n and self.step != self.cfg.num_steps):
+                self._log()
+            if self.step >= self.cfg.num_steps:
+                self.model.stop_training = True
+            elif self.step % self.cfg.checkpoint_every_n == 0:
+                self.checkpoint(self.step)
+                self.saved = self.step
+
+        def _log(self):
             now = time.monotonic()
             rate = (self.step - self.step_at_last) * self.batch / max(now - self.t_last, 1e-9)
             left = (self.cfg.num_steps - self.step) * self.batch / max(rate, 1e-9)

@@ -94,10 +94,11 @@ class InputConfig:
     :param scale_jitter: ``(lo, hi)``: random zoom ``s`` (log-uniform), then crop/pad back
         to S×S (training); ``(1, 1)`` disables.
     :param color_jitter: brightness/contrast/saturation strength (training); 0 disables.
-    :param shuffle_buffer: examples in the shuffle buffer (training).
-    :param seed: seeds file order, shuffling and every augmentation draw (element ``k`` of a
-        fresh iterator draws from ``(seed, k)``; a resumed run that should not replay the
-        first epoch's order and draws passes another seed, e.g. ``seed + epoch``).
+    :param shuffle_buffer: serialized records in the shuffle buffer (training), at most one
+        epoch's worth (~100 KB each for the pets: the default holds ~200 MB).
+    :param seed: seeds each epoch's file order, the shuffling and every augmentation draw
+        (element ``k`` of the stream draws from ``(seed, k)``); a resumed run keeps the seed
+        and passes ``skip`` to :func:`make_dataset`.
     :param parallel: False = the sequential variant: no interleave, ``num_parallel_calls=1``,
         no prefetch (and tf.data's automatic map parallelisation/prefetch injection off).
     """
@@ -109,7 +110,7 @@ class InputConfig:
     horizontal_flip: bool = True
     scale_jitter: tuple[float, float] = (0.8, 1.25)
     color_jitter: float = 0.1
-    shuffle_buffer: int = 256
+    shuffle_buffer: int = 2048
     seed: int = 0
     parallel: bool = True
 
@@ -369,14 +370,76 @@ def transform_example(image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, cfg
 # The dataset
 # ---------------------------------------------------------------------------------------------
 
+MAX_READERS = 64  # shard files read at once (interleaved record by record)
+_RECORD_HEADER = 12  # uint64 length + uint32 masked crc of the length; the data's crc follows
+
+
+def count_records(path: str | os.PathLike) -> int:
+    """Records in a TFRecord file, counted from the length headers (seeks, no data read)."""
+    n = 0
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        pos = 0
+        while pos < size:
+            header = f.read(_RECORD_HEADER)
+            if len(header) < _RECORD_HEADER:
+                raise ValueError(f"{path}: truncated TFRecord header at byte {pos}")
+            pos += _RECORD_HEADER + int.from_bytes(header[:8], "little") + 4
+            if pos > size:
+                raise ValueError(f"{path}: truncated TFRecord at byte {pos}")
+            f.seek(pos)
+            n += 1
+    return n
+
+
+def _training_records(files: list[str], cfg: InputConfig, epoch_size: int, *, skip: int,
+                      repeat: bool) -> tf.data.Dataset:
+    """The serialized records of the training stream after its first ``skip`` elements.
+
+    Epoch ``e`` reads every file once, in an order drawn from ``(seed, e)``, up to
+    ``MAX_READERS`` files at a time interleaved record by record (deterministically: the
+    stream is a function of the seed, so a resumed run can skip to where it was). A shuffle
+    buffer (at most one epoch) mixes records across files and epoch boundaries: every record
+    is drawn once per epoch's worth of elements, give or take the buffer."""
+    first_epoch, within = divmod(skip, epoch_size) if repeat else (0, skip)
+    names = tf.constant(files)
+    seed = cfg.seed
+    cycle = min(len(files), MAX_READERS)
+
+    def epoch(e):
+        order = tf.random.experimental.stateless_shuffle(
+            names, seed=tf.stack([tf.constant(seed, tf.int64), e]))
+        ds = tf.data.Dataset.from_tensor_slices(order)
+        if cfg.parallel:
+            return ds.interleave(tf.data.TFRecordDataset, cycle_length=cycle, block_length=1,
+                                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.flat_map(tf.data.TFRecordDataset)
+
+    epochs = (tf.data.Dataset.counter(first_epoch) if repeat
+              else tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)))
+    ds = epochs.flat_map(epoch)
+    if within:
+        # reads (does not decode) at most one epoch of records
+        ds = ds.skip(within)
+    # a fresh buffer draws afresh: seeded by where the stream starts, so a resumed run does
+    # not replay the first run's draws on other records
+    return ds.shuffle(max(1, min(cfg.shuffle_buffer, epoch_size)),
+                      seed=(seed * 1_000_003 + skip + 1) % 2**31)
+
+
 def make_dataset(paths: Sequence[str | os.PathLike], label_ids: Sequence[int], cfg: InputConfig,
-                 *, training: bool, repeat: bool | None = None) -> tf.data.Dataset:
+                 *, training: bool, repeat: bool | None = None, skip: int = 0
+                 ) -> tf.data.Dataset:
     """Batches ``(images, {"boxes": boxes, "labels": labels})`` from local shard files (module
     doc for the contract).
 
-    ``training=True``: files shuffled, records read interleaved (up to 4 files at once, not
-    deterministic), a shuffle buffer, repeated (``repeat`` default True), parse + decode +
-    augment in a parallel map, fixed-size batches (remainder dropped), prefetch.
+    ``training=True``: one stream for the whole training (:func:`_training_records`): every
+    epoch all files in a new seeded order, up to ``MAX_READERS`` read interleaved, a shuffle
+    buffer, repeated (``repeat`` default True); parse + decode + augment in a parallel map
+    (element ``k`` of the stream augmented with the draws of ``(seed, k)``), fixed-size
+    batches (remainder dropped), prefetch. ``skip``: elements (images) of that stream already
+    trained on — a resumed training continues the stream where it stopped (the epoch, the
+    file order, the augmentation draws) instead of starting at the heads of the files again.
     ``training=False``: files and records in the given order, no augmentation, no repeat
     (``repeat`` default False), the last batch may be short. ``cfg.parallel=False`` runs the
     same operations sequentially (the benchmark's baseline)."""
@@ -384,28 +447,25 @@ def make_dataset(paths: Sequence[str | os.PathLike], label_ids: Sequence[int], c
     files = [os.fspath(p) for p in paths]
     if not files:
         raise ValueError("make_dataset: no shard files given (stage_shards returns them)")
+    if not (isinstance(skip, int) and skip >= 0):
+        raise ValueError(f"skip must be a non-negative integer, got {skip!r}")
     table = _lookup_table(label_index(label_ids))
     repeat = training if repeat is None else repeat
     autotune = tf.data.AUTOTUNE
 
     if training:
-        ds = tf.data.Dataset.from_tensor_slices(files).shuffle(
-            len(files), seed=cfg.seed, reshuffle_each_iteration=True)
-        if cfg.parallel:
-            ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 4),
-                               block_length=1, num_parallel_calls=autotune,
-                               deterministic=False)
-        else:
-            ds = ds.flat_map(tf.data.TFRecordDataset)
-        ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed + 1, reshuffle_each_iteration=True)
+        epoch_size = sum(count_records(f) for f in files)
+        if epoch_size == 0:
+            raise ValueError(f"make_dataset: the {len(files)} shard files hold no records")
+        ds = _training_records(files, cfg, epoch_size, skip=skip, repeat=repeat)
     else:
         ds = tf.data.TFRecordDataset(files)
-    if repeat:
-        ds = ds.repeat()
+        if repeat:
+            ds = ds.repeat()
 
     if training:
         # element k of the stream draws its augmentation from the stateless seed (seed, k)
-        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.counter()))
+        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.counter(skip)))
 
         def _map(serialized, k):
             return _element(serialized, tf.stack([tf.constant(cfg.seed, tf.int64), k]))

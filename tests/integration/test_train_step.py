@@ -143,6 +143,58 @@ def test_sigkill_then_rerun_resumes_from_the_checkpoint(setup, tmp_path):
     assert not any(k.startswith("checkpoints/ckpt-20") for k in manifest["files"])
 
 
+class _Crash(Exception):
+    """Stands for a kill: raised from inside the training at a chosen point."""
+
+
+def _spy_streams(monkeypatch) -> list[dict]:
+    """Record every training input stream the step builds (its seed and skip)."""
+    import petdet_tasks.train_input as train_input
+
+    made: list[dict] = []
+    original = train_input.make_dataset
+
+    def spy(paths, label_ids, cfg, *, training, **kw):
+        if training:
+            made.append({"seed": cfg.seed, "skip": kw.get("skip", 0), "shards": len(paths)})
+        return original(paths, label_ids, cfg, training=training, **kw)
+
+    monkeypatch.setattr(train_input, "make_dataset", spy)
+    return made
+
+
+def test_one_input_stream_per_run_and_a_resumed_run_continues_it(setup, monkeypatch):
+    """Every checkpoint interval used to build a fresh input stream, which started each shard
+    at its first record again: the heads of the shards were all a training ever saw. A run
+    reads one stream through all its intervals, and a resumed run continues it: it skips
+    what the checkpoint's steps drew (start x global batch images)."""
+    import petdet_tasks.train as train_module
+
+    work, store, records, preset = setup
+    cfg = _config(preset, image_size=64, batch_size=4, num_steps=6, checkpoint_every_n=2,
+                  log_every_n=2, seed=21,
+                  learning_rate=LRSchedule(kind="constant", initial_learning_rate=0.001))
+    made = _spy_streams(monkeypatch)
+    original_save = train_module._Checkpointer.save
+
+    def save_then_crash(self, step, extra, **kw):
+        original_save(self, step, extra, **kw)
+        if step == 4:
+            raise _Crash("killed after the checkpoint at step 4")
+
+    monkeypatch.setattr(train_module._Checkpointer, "save", save_then_crash)
+    with pytest.raises(_Crash):
+        train(store, records.uri, cfg, cache_dir=work / "cache")
+    assert made == [{"seed": 21, "skip": 0, "shards": 2}], "one stream for steps 0..4"
+    monkeypatch.setattr(train_module._Checkpointer, "save", original_save)
+    result = train(store, records.uri, cfg, cache_dir=work / "cache")
+    assert result.outputs["resumed_from"] == 4 and result.outputs["steps"] == 6
+    assert made[1:] == [{"seed": 21, "skip": 4 * 4, "shards": 2}], "continued, not restarted"
+    latest = json.loads(store.read_text(step_prefix("train", result.fingerprint)
+                                        + "checkpoints/latest.json"))
+    assert latest["step"] == 6 and latest["examples"] == 6 * 4
+
+
 def test_mixed_precision_path_runs_on_cpu(setup):
     """The GPU configuration (mixed_float16 + loss scaling) forced on: the step counter, the
     checkpoints and the decoding of float16 head outputs all hold; the trained model is saved
