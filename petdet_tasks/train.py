@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -302,43 +303,85 @@ def plot_curves(history: list[dict], path: Path) -> None:
 # The step
 # ---------------------------------------------------------------------------------------------
 
+_CKPT_FILE = re.compile(r"ckpt-(\d+)\.(?:index|data-(\d+)-of-(\d+))")
+
+
 class _Checkpointer:
-    """Writes ``tf.train.Checkpoint`` files locally and mirrors them into the store."""
+    """Writes ``tf.train.Checkpoint`` files locally and mirrors them into the store.
+
+    Order of writes (each a whole object): the checkpoint's data files, its index, the extra
+    files, then ``latest.json`` (the pointer a resumed run follows); older checkpoints are
+    deleted only after that. A checkpoint is complete when its index and all its data files
+    are in the store; restore takes the one ``latest.json`` names, or, when those files are
+    gone, the newest complete one (a stop inside the old final cleanup left such a pointer)."""
 
     def __init__(self, writer: StepWriter, local: Path, model, optimizer):
         import tensorflow as tf
 
         self.writer, self.store, self.local = writer, writer.store, local
+        self.prefix = writer.prefix + CHECKPOINTS
         # the step counter is saved on its own: with mixed precision the optimizer's
         # iterations skip the steps whose gradients overflowed
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=self.step)
-        self.uploaded: list[int] = []
+        self.uploaded: list[int] = []  # in the store, oldest first (the restored one too)
         self.latest: dict = {}  # the restored checkpoint's latest.json
 
-    def latest_step(self) -> int | None:
+    def _read_latest(self) -> dict | None:
         try:
-            latest = json.loads(self.store.get_bytes(self.writer.prefix + CHECKPOINTS
-                                                     + "latest.json")[0])
+            return json.loads(self.store.get_bytes(self.prefix + "latest.json")[0])
         except NotFound:
             return None
-        self.latest = latest
-        return int(latest["step"])
+
+    def complete_steps(self) -> list[int]:
+        """Steps of the checkpoints whose index and every data file are in the store."""
+        files: dict[int, set[str]] = {}
+        for rel in _listing(self.store, self.prefix):
+            m = _CKPT_FILE.fullmatch(rel)
+            if m:
+                files.setdefault(int(m.group(1)), set()).add(rel)
+        complete = []
+        for step, names in files.items():
+            shards = {rel for rel in names if not rel.endswith(".index")}
+            total = {int(_CKPT_FILE.fullmatch(rel).group(3)) for rel in shards}
+            if (f"ckpt-{step}.index" in names and len(total) == 1
+                    and len(shards) == total.pop()):
+                complete.append(step)
+        return sorted(complete)
 
     def restore(self) -> int:
         """Restore the newest checkpoint of an earlier attempt; returns its step (0: none)."""
-        step = self.latest_step()
-        if step is None:
+        latest = self._read_latest()
+        complete = self.complete_steps()
+        if latest is None and not complete:
             return 0
-        prefix = self.writer.prefix + CHECKPOINTS
+        step = None if latest is None else int(latest["step"])
+        if step not in complete:
+            named = ("no latest.json" if latest is None else
+                     f"latest.json names ckpt-{step}, whose files are not all in the store")
+            if not complete:
+                log.warning("%s: %s and no complete checkpoint is left; training from step 0",
+                            self.writer.uri(CHECKPOINTS), named)
+                return 0
+            found = complete[-1]
+            log.warning("%s: %s; resuming from ckpt-%d, the newest complete checkpoint",
+                        self.writer.uri(CHECKPOINTS), named, found)
+            examples = None
+            if latest is not None and "examples" in latest:
+                per_step = latest["examples"] // max(step, 1)
+                examples = latest["examples"] - (step - found) * per_step
+            latest = {"step": found, **({"examples": examples} if examples is not None else {})}
+            step = found
         name = f"ckpt-{step}"
-        for obj in self.store.list(prefix + name + "."):
-            self.store.download_file(obj.key, self.local / obj.key[len(prefix):])
+        for obj in self.store.list(self.prefix + name + "."):
+            self.store.download_file(obj.key, self.local / obj.key[len(self.prefix):])
         status = self.ckpt.read(str(self.local / name))
         status.assert_existing_objects_matched()
         if int(self.step.numpy()) != step:
             raise RuntimeError(f"checkpoint {name} holds step {int(self.step.numpy())}, "
                                f"latest.json says {step}")
+        self.latest = latest
+        self.uploaded = [step]
         return step
 
     def save(self, step: int, extra_files: dict[str, Path], *, examples: int) -> None:
@@ -348,22 +391,30 @@ class _Checkpointer:
         name = f"ckpt-{step}"
         self.step.assign(step)
         path = self.ckpt.write(str(self.local / name))
-        for f in sorted(self.local.glob(name + ".*")):
-            self.store.put_file(self.writer.prefix + CHECKPOINTS + f.name, f)
+        # the index last: a checkpoint is complete once its index is in the store
+        for f in sorted(self.local.glob(name + ".*"), key=lambda f: f.suffix == ".index"):
+            self.store.put_file(self.prefix + f.name, f)
         for rel, f in extra_files.items():
             if f.exists():
                 self.store.put_file(self.writer.prefix + rel, f)
-        self.store.put_bytes(self.writer.prefix + CHECKPOINTS + "latest.json",
+        self.store.put_bytes(self.prefix + "latest.json",
                              json.dumps({"step": step, "path": Path(path).name,
                                          "examples": examples}).encode())
-        self.uploaded.append(step)
-        for old in self.uploaded[:-KEEP_CHECKPOINTS]:
-            for obj in list(self.store.list(self.writer.prefix + CHECKPOINTS + f"ckpt-{old}.")):
-                self.store.delete(obj.key)
-            for f in self.local.glob(f"ckpt-{old}.*"):
-                f.unlink()
-        self.uploaded = self.uploaded[-KEEP_CHECKPOINTS:]
+        self.uploaded = [s for s in self.uploaded if s != step] + [step]
+        self.drop(keep=self.uploaded[-KEEP_CHECKPOINTS:])
         log.info("checkpoint at step %d saved to %s", step, self.writer.uri(CHECKPOINTS))
+
+    def drop(self, keep: list[int]) -> None:
+        """Delete every checkpoint but ``keep`` (store and local); latest.json stays."""
+        for rel in _listing(self.store, self.prefix):
+            m = _CKPT_FILE.fullmatch(rel)
+            if m and int(m.group(1)) not in keep:
+                self.store.delete(self.prefix + rel)
+        for f in self.local.glob("ckpt-*"):
+            m = _CKPT_FILE.fullmatch(f.name)
+            if m and int(m.group(1)) not in keep:
+                f.unlink()
+        self.uploaded = [s for s in self.uploaded if s in keep]
 
 
 def train(store: Store, tfrecords_uri: str, cfg: TrainConfig, *, cache_dir=None,
@@ -486,12 +537,12 @@ def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: Trai
     plot_curves(history, work / "curves.png")
     history_path.write_text("".join(json.dumps(h) + "\n" for h in history))
 
-    # the published outputs: the newest checkpoint, the preset, the curves, the logs
-    for rel in list(_listing(store, writer.prefix + CHECKPOINTS)):
-        if not rel.startswith(f"ckpt-{final_step}.") and rel != "latest.json":
-            store.delete(writer.prefix + CHECKPOINTS + rel)
+    # the published outputs: the newest checkpoint, the preset, the curves, the logs. The
+    # final checkpoint and latest.json are written first, the older checkpoints deleted only
+    # then: a stop anywhere in between leaves a prefix that resumes
     if final_step not in checkpointer.uploaded:
         checkpointer.save(final_step, {}, examples=examples + (final_step - start) * global_batch)
+    checkpointer.drop(keep=[final_step])
     for rel in _listing(store, writer.prefix + CHECKPOINTS):
         local = ckpt_dir / rel
         if local.exists():  # uploaded by the checkpointer just now: record, don't re-upload

@@ -195,6 +195,109 @@ def test_one_input_stream_per_run_and_a_resumed_run_continues_it(setup, monkeypa
     assert latest["step"] == 6 and latest["examples"] == 6 * 4
 
 
+def _small(preset, seed: int, **kw) -> TrainConfig:
+    base = dict(image_size=64, batch_size=4, num_steps=4, checkpoint_every_n=2, log_every_n=2,
+                seed=seed, learning_rate=LRSchedule(kind="constant", initial_learning_rate=0.001))
+    return _config(preset, **{**base, **kw})
+
+
+def _checkpoint_files(store, result) -> list[str]:
+    prefix = step_prefix("train", result.fingerprint) + "checkpoints/"
+    return sorted(o.key[len(prefix):] for o in store.list(prefix))
+
+
+@pytest.mark.parametrize("where", ["final-files", "final-pointer", "cleanup"])
+def test_a_stop_inside_the_final_checkpoint_leaves_a_run_that_completes(setup, monkeypatch,
+                                                                       where):
+    """Stopped while the last checkpoint is written — before its files, before latest.json
+    moves to it, while the older ones are deleted — the retry completes. (The older
+    checkpoints were deleted first: latest.json pointed at deleted files and every retry
+    failed with NotFoundError.)"""
+    work, store, records, preset = setup
+    cfg = _small(preset, seed={"final-files": 31, "final-pointer": 32, "cleanup": 33}[where])
+    final = "ckpt-4."
+    put_file, put_bytes, delete = store.put_file, store.put_bytes, store.delete
+
+    def crash_put_file(key, path, **kw):
+        if where == "final-files" and f"checkpoints/{final}" in key:
+            raise _Crash(key)
+        return put_file(key, path, **kw)
+
+    def crash_put_bytes(key, data, **kw):
+        if (where == "final-pointer" and key.endswith("checkpoints/latest.json")
+                and json.loads(data)["step"] == 4):
+            raise _Crash(key)
+        return put_bytes(key, data, **kw)
+
+    def crash_delete(key):
+        if where == "cleanup" and "/checkpoints/ckpt-2." in key:
+            raise _Crash(key)
+        return delete(key)
+
+    monkeypatch.setattr(store, "put_file", crash_put_file)
+    monkeypatch.setattr(store, "put_bytes", crash_put_bytes)
+    monkeypatch.setattr(store, "delete", crash_delete)
+    with pytest.raises(_Crash):
+        train(store, records.uri, cfg, cache_dir=work / "cache")
+    monkeypatch.undo()
+    result = train(store, records.uri, cfg, cache_dir=work / "cache")
+    assert not result.cache_hit and result.outputs["steps"] == 4
+    assert result.outputs["resumed_from"] == (2 if where != "cleanup" else 4)
+    assert _checkpoint_files(store, result) == [
+        "ckpt-4.data-00000-of-00001", "ckpt-4.index", "latest.json"]
+    assert {k for k in result.manifest["files"] if k.startswith("checkpoints/")} == {
+        "checkpoints/ckpt-4.data-00000-of-00001", "checkpoints/ckpt-4.index",
+        "checkpoints/latest.json"}
+
+
+def test_a_pointer_to_missing_files_falls_back_to_a_complete_checkpoint(setup, monkeypatch,
+                                                                        caplog):
+    """A prefix whose latest.json names deleted files (what the old final cleanup left) resumes
+    from the newest complete checkpoint, or from step 0 when none is left, with a warning."""
+    import petdet_tasks.train as train_module
+
+    work, store, records, preset = setup
+    cfg = _small(preset, seed=34, num_steps=6)
+    original_save = train_module._Checkpointer.save
+
+    def save_then_crash(self, step, extra, **kw):
+        original_save(self, step, extra, **kw)
+        if step == 4:
+            raise _Crash("stopped after the checkpoint at step 4")
+
+    monkeypatch.setattr(train_module._Checkpointer, "save", save_then_crash)
+    with pytest.raises(_Crash):
+        train(store, records.uri, cfg, cache_dir=work / "cache")
+    monkeypatch.undo()
+    prefix = next(o.key.rsplit("checkpoints/", 1)[0] for o in store.list("training/")
+                  if o.key.endswith("checkpoints/latest.json")
+                  and read_manifest(store, o.key.rsplit("checkpoints/", 1)[0]) is None)
+    for obj in list(store.list(prefix + "checkpoints/ckpt-4.")):
+        store.delete(obj.key)
+    with caplog.at_level("WARNING", logger="petdet_tasks.train"):
+        result = train(store, records.uri, cfg, cache_dir=work / "cache")
+    assert result.outputs["resumed_from"] == 2 and result.outputs["steps"] == 6
+    assert "latest.json names ckpt-4, whose files are not all in the store; resuming from " \
+        "ckpt-2" in caplog.text
+
+    # none left at all: from step 0
+    cfg = _small(preset, seed=35, num_steps=6)
+    monkeypatch.setattr(train_module._Checkpointer, "save", save_then_crash)
+    with pytest.raises(_Crash):
+        train(store, records.uri, cfg, cache_dir=work / "cache")
+    monkeypatch.undo()
+    prefix = next(o.key.rsplit("checkpoints/", 1)[0] for o in store.list("training/")
+                  if o.key.endswith("checkpoints/latest.json")
+                  and read_manifest(store, o.key.rsplit("checkpoints/", 1)[0]) is None)
+    for obj in list(store.list(prefix + "checkpoints/ckpt-")):
+        store.delete(obj.key)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="petdet_tasks.train"):
+        result = train(store, records.uri, cfg, cache_dir=work / "cache")
+    assert result.outputs["resumed_from"] == 0 and result.outputs["steps"] == 6
+    assert "no complete checkpoint is left; training from step 0" in caplog.text
+
+
 def test_mixed_precision_path_runs_on_cpu(setup):
     """The GPU configuration (mixed_float16 + loss scaling) forced on: the step counter, the
     checkpoints and the decoding of float16 head outputs all hold; the trained model is saved
