@@ -393,10 +393,11 @@ class _Checkpointer:
         path = self.ckpt.write(str(self.local / name))
         # the index last: a checkpoint is complete once its index is in the store
         for f in sorted(self.local.glob(name + ".*"), key=lambda f: f.suffix == ".index"):
-            self.store.put_file(self.prefix + f.name, f)
+            self._put_file(self.prefix + f.name, f)
         for rel, f in extra_files.items():
             if f.exists():
-                self.store.put_file(self.writer.prefix + rel, f)
+                self._put_file(self.writer.prefix + rel, f)
+        self.writer._check_lease()
         self.store.put_bytes(self.prefix + "latest.json",
                              json.dumps({"step": step, "path": Path(path).name,
                                          "examples": examples}).encode())
@@ -404,11 +405,18 @@ class _Checkpointer:
         self.drop(keep=self.uploaded[-KEEP_CHECKPOINTS:])
         log.info("checkpoint at step %d saved to %s", step, self.writer.uri(CHECKPOINTS))
 
+    def _put_file(self, key: str, path: Path) -> None:
+        # a writer whose lease another attempt took over must not touch the prefix: it
+        # would overwrite that attempt's checkpoints (and delete them, below)
+        self.writer._check_lease()
+        self.store.put_file(key, path)
+
     def drop(self, keep: list[int]) -> None:
         """Delete every checkpoint but ``keep`` (store and local); latest.json stays."""
         for rel in _listing(self.store, self.prefix):
             m = _CKPT_FILE.fullmatch(rel)
             if m and int(m.group(1)) not in keep:
+                self.writer._check_lease()
                 self.store.delete(self.prefix + rel)
         for f in self.local.glob("ckpt-*"):
             m = _CKPT_FILE.fullmatch(f.name)
@@ -506,7 +514,9 @@ def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: Trai
         checkpointer.save(at, {"history.jsonl": history_path},
                           examples=examples + (at - start) * global_batch)
 
-    progress = _Progress(cfg, global_batch, start, history, history_path, logs_dir, checkpoint)
+    # the lease is checked after every batch (it only reads a flag the renewing thread sets)
+    progress = _Progress(cfg, global_batch, start, history, history_path, logs_dir, checkpoint,
+                         writer._check_lease)
     remaining = cfg.num_steps - start
     if remaining > 0:
         log.info("training steps %d..%d, global batch %d, %s, checkpoint every %d", start,
@@ -580,10 +590,10 @@ def _make_progress_class():
         resumed run continues the curves)."""
 
         def __init__(self, cfg, global_batch, start, history, history_path, logs_dir,
-                     checkpoint):
+                     checkpoint, check_lease):
             super().__init__()
             self.cfg, self.batch, self.step = cfg, global_batch, start
-            self.checkpoint, self.saved = checkpoint, start
+            self.checkpoint, self.saved, self.check_lease = checkpoint, start, check_lease
             self.history, self.history_path = history, history_path
             self.summary = tf.summary.create_file_writer(str(logs_dir))
             self.t_last = time.monotonic()
@@ -595,6 +605,7 @@ def _make_progress_class():
 
         def on_train_batch_end(self, batch, logs=None):
             self.step += 1
+            self.check_lease()  # LeaseLost: another attempt took the prefix over; stop now
             running = float((logs or {}).get("loss", float("nan")))
             if not abs(running) < DIVERGED_LOSS:  # also NaN
                 lr, since = self.cfg.learning_rate, self.step - batch - 1

@@ -298,6 +298,58 @@ def test_a_pointer_to_missing_files_falls_back_to_a_complete_checkpoint(setup, m
     assert "no complete checkpoint is left; training from step 0" in caplog.text
 
 
+def test_a_lost_lease_stops_training_before_it_touches_the_prefix_again(setup, monkeypatch):
+    """Another attempt took the lease over (this one's renewals failed past the expiry): this
+    writer stops at the next batch, writing or deleting no checkpoint after that. (It trained
+    to the end, overwrote the checkpoints and deleted the other attempt's in its final
+    cleanup; only the commit noticed.)"""
+    import petdet_tasks.train as train_module
+    from petdet_tasks.manifest import LeaseLost
+
+    work, store, records, preset = setup
+    cfg = _small(preset, seed=41, num_steps=6)
+    original_save = train_module._Checkpointer.save
+    lost = []
+
+    def save_then_lose(self, step, extra, **kw):
+        original_save(self, step, extra, **kw)
+        if step == 2:
+            self.writer._lease.lost.set()  # what the renewing thread does
+            lost.append(step)
+
+    touched = []
+    put_file, put_bytes, delete = store.put_file, store.put_bytes, store.delete
+
+    def record(fn):
+        def wrapper(key, *args, **kw):
+            if lost and "/checkpoints/" in key:
+                touched.append(key)
+            return fn(key, *args, **kw)
+        return wrapper
+
+    monkeypatch.setattr(train_module._Checkpointer, "save", save_then_lose)
+    monkeypatch.setattr(store, "put_file", record(put_file))
+    monkeypatch.setattr(store, "put_bytes", record(put_bytes))
+    monkeypatch.setattr(store, "delete", record(delete))
+    steps = []
+    original_batch_end = train_module._make_progress_class
+
+    def progress_class():
+        cls = original_batch_end()
+
+        class Counting(cls):
+            def on_train_batch_end(self, batch, logs=None):
+                steps.append(self.step + 1)
+                super().on_train_batch_end(batch, logs)
+        return Counting
+
+    monkeypatch.setattr(train_module, "_make_progress_class", progress_class)
+    with pytest.raises(LeaseLost, match="taken over by another writer"):
+        train(store, records.uri, cfg, cache_dir=work / "cache")
+    assert lost == [2] and touched == []
+    assert steps == [1, 2, 3], "stopped at the first batch after the loss"
+
+
 def test_mixed_precision_path_runs_on_cpu(setup):
     """The GPU configuration (mixed_float16 + loss scaling) forced on: the step counter, the
     checkpoints and the decoding of float16 head outputs all hold; the trained model is saved
