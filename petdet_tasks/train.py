@@ -505,14 +505,27 @@ def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: Trai
 
     history_path = work / "history.jsonl"
     logs_dir = work / "logs"
+    for obj in list(store.list(writer.prefix + "logs/")):
+        if start:
+            # the earlier attempts' TensorBoard files (uploaded with each checkpoint, so
+            # holding the steps up to it): the committed logs/ shows the whole run
+            store.download_file(obj.key, logs_dir / obj.key[len(writer.prefix + "logs/"):])
+        else:  # an attempt that left no usable checkpoint: its curves are not this run's
+            writer._check_lease()
+            store.delete(obj.key)
     every = cfg.checkpoint_every_n
     # images of the training stream consumed before this attempt (older checkpoints did not
     # record it: their runs had the same global batch throughout)
     examples = int(checkpointer.latest.get("examples", start * global_batch))
 
     def checkpoint(at: int) -> None:
-        checkpointer.save(at, {"history.jsonl": history_path},
-                          examples=examples + (at - start) * global_batch)
+        # history.jsonl and logs/ go with every checkpoint, the final one too: a retry that
+        # resumes from it commits the whole history, curves and final loss
+        extras = {"history.jsonl": history_path}
+        if logs_dir.exists():
+            extras.update({"logs/" + f.relative_to(logs_dir).as_posix(): f
+                           for f in sorted(logs_dir.rglob("*")) if f.is_file()})
+        checkpointer.save(at, extras, examples=examples + (at - start) * global_batch)
 
     # the lease is checked after every batch (it only reads a flag the renewing thread sets)
     progress = _Progress(cfg, global_batch, start, history, history_path, logs_dir, checkpoint,
@@ -551,7 +564,7 @@ def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: Trai
     # final checkpoint and latest.json are written first, the older checkpoints deleted only
     # then: a stop anywhere in between leaves a prefix that resumes
     if final_step not in checkpointer.uploaded:
-        checkpointer.save(final_step, {}, examples=examples + (final_step - start) * global_batch)
+        checkpoint(final_step)
     checkpointer.drop(keep=[final_step])
     for rel in _listing(store, writer.prefix + CHECKPOINTS):
         local = ckpt_dir / rel
@@ -595,7 +608,7 @@ def _make_progress_class():
             self.cfg, self.batch, self.step = cfg, global_batch, start
             self.checkpoint, self.saved, self.check_lease = checkpoint, start, check_lease
             self.history, self.history_path = history, history_path
-            self.summary = tf.summary.create_file_writer(str(logs_dir))
+            self.logs_dir, self.summary = logs_dir, None  # an event file once there is a step
             self.t_last = time.monotonic()
             self.step_at_last = start
             self.losses: list[float] = []
@@ -640,6 +653,8 @@ def _make_progress_class():
             self.history.append({"step": self.step, "loss": round(mean, 5), "lr": lr,
                                  "images_per_s": round(rate, 2)})
             self.history_path.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+            if self.summary is None:
+                self.summary = tf.summary.create_file_writer(str(self.logs_dir))
             with self.summary.as_default(step=self.step):
                 tf.summary.scalar("loss", mean)
                 tf.summary.scalar("learning_rate", lr)

@@ -350,6 +350,73 @@ def test_a_lost_lease_stops_training_before_it_touches_the_prefix_again(setup, m
     assert steps == [1, 2, 3], "stopped at the first batch after the loss"
 
 
+def _event_steps(store, prefix: str, tag: str = "loss") -> list[int]:
+    """The steps of ``tag`` in every TensorBoard event file under ``prefix`` + logs/."""
+    import tensorflow as tf
+
+    steps = []
+    for obj in store.list(prefix + "logs/"):
+        data = store.get_bytes(obj.key)[0]
+        path = f"/tmp/petdet-events-{os.getpid()}"
+        with open(path, "wb") as f:
+            f.write(data)
+        for event in tf.compat.v1.train.summary_iterator(path):
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+        os.unlink(path)
+    return sorted(steps)
+
+
+def test_a_retry_after_the_final_checkpoint_commits_the_whole_history(setup, monkeypatch):
+    """Stopped after step 2's checkpoint, then again after the final checkpoint (while the
+    outputs were uploaded): the committed history.jsonl, TensorBoard logs and final loss are
+    the whole run's. (history.jsonl went with the intermediate checkpoints only and logs/
+    only with the commit: the retry committed steps 1-2, no curves of steps 3-4 and step 2's
+    loss as the final one.)"""
+    import petdet_tasks.train as train_module
+    from petdet_tasks.manifest import StepWriter
+
+    work, store, records, preset = setup
+    cfg = _small(preset, seed=51, log_every_n=1)
+    original_save = train_module._Checkpointer.save
+
+    def save_then_crash(self, step, extra, **kw):
+        original_save(self, step, extra, **kw)
+        if step == 2:
+            raise _Crash("stopped after the checkpoint at step 2")
+
+    monkeypatch.setattr(train_module._Checkpointer, "save", save_then_crash)
+    with pytest.raises(_Crash):
+        train(store, records.uri, cfg, cache_dir=work / "cache")
+    monkeypatch.undo()
+
+    original_put_tree = StepWriter.put_tree
+    seen = {}
+
+    def crash_at_preset(self, local, rel="", **kw):
+        if rel == "preset/":
+            seen["history"] = [json.loads(x) for x in (local.parent / "history.jsonl")
+                               .read_text().splitlines()]
+            raise _Crash("stopped while uploading the outputs")
+        return original_put_tree(self, local, rel, **kw)
+
+    monkeypatch.setattr(StepWriter, "put_tree", crash_at_preset)
+    with pytest.raises(_Crash):
+        train(store, records.uri, cfg, cache_dir=work / "cache")
+    monkeypatch.undo()
+    assert [h["step"] for h in seen["history"]] == [1, 2, 3, 4]
+
+    result = train(store, records.uri, cfg, cache_dir=work / "cache")
+    assert result.outputs["resumed_from"] == 4
+    prefix = step_prefix("train", result.fingerprint)
+    history = [json.loads(x) for x in store.read_text(prefix + "history.jsonl").splitlines()]
+    assert history == seen["history"]
+    assert result.outputs["final_loss"] == history[-1]["loss"]
+    assert _event_steps(store, prefix) == [1, 2, 3, 4]  # each step once, over two attempts
+    logs = [k for k in result.manifest["files"] if k.startswith("logs/")]
+    assert len(logs) == 2  # the two attempts that trained; the third made none
+    assert sorted(o.key[len(prefix):] for o in store.list(prefix + "logs/")) == sorted(logs)
+
+
 def test_mixed_precision_path_runs_on_cpu(setup):
     """The GPU configuration (mixed_float16 + loss scaling) forced on: the step counter, the
     checkpoints and the decoding of float16 head outputs all hold; the trained model is saved
