@@ -221,11 +221,17 @@ def _optimizer(cfg: TrainConfig):
     return keras.optimizers.SGD(learning_rate=lr, momentum=cfg.momentum, **kwargs)
 
 
+def _visible_gpus() -> list:
+    import tensorflow as tf
+
+    return tf.config.list_physical_devices("GPU")
+
+
 def _strategy_and_precision(cfg: TrainConfig):
     import keras
     import tensorflow as tf
 
-    gpus = tf.config.list_physical_devices("GPU")
+    gpus = _visible_gpus()
     strategy = tf.distribute.MirroredStrategy()
     mixed = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and bool(gpus))
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
@@ -313,17 +319,38 @@ class _Checkpointer:
     files, then ``latest.json`` (the pointer a resumed run follows); older checkpoints are
     deleted only after that. A checkpoint is complete when its index and all its data files
     are in the store; restore takes the one ``latest.json`` names, or, when those files are
-    gone, the newest complete one (a stop inside the old final cleanup left such a pointer)."""
+    gone, the newest complete one (a stop inside the old final cleanup left such a pointer).
 
-    def __init__(self, writer: StepWriter, local: Path, model, optimizer):
+    The layout does not depend on the precision: ``optimizer`` is the inner optimizer (its
+    slots and iterations), ``loss_scale`` the mixed-precision LossScaleOptimizer when there is
+    one (its scale). ``mixed_precision="auto"`` resolves by the machine, so a retry may run in
+    another precision than the checkpoint: it restores the weights, the optimizer state and
+    the step all the same (the loss scale starts afresh when it had none), with a warning
+    naming both. Checkpoints of the earlier layout (``optimizer`` = the LossScaleOptimizer
+    under mixed precision) restore too. ``latest.json`` records the precision, the replicas
+    and the global batch."""
+
+    def __init__(self, writer: StepWriter, local: Path, model, optimizer, *, loss_scale=None,
+                 mixed: bool = False, replicas: int = 1, global_batch: int = 1):
         import tensorflow as tf
 
         self.writer, self.store, self.local = writer, writer.store, local
         self.prefix = writer.prefix + CHECKPOINTS
+        self.optimizer, self.loss_scale = optimizer, loss_scale
+        self.run = {"mixed_precision": mixed, "replicas": replicas, "global_batch": global_batch}
         # the step counter is saved on its own: with mixed precision the optimizer's
         # iterations skip the steps whose gradients overflowed
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=self.step)
+        # the model's own dependencies less its optimizer (Keras tracks the compiled one, the
+        # LossScaleOptimizer under mixed precision, and then the layouts would differ by the
+        # precision): the optimizers are checkpointed at the top
+        self.model_node = tf.train.Checkpoint(**{
+            k: v for k, v in model._trackable_children("checkpoint").items()
+            if k != "optimizer"})
+        objects = {"model": self.model_node, "optimizer": optimizer, "step": self.step}
+        if loss_scale is not None:
+            objects["loss_scale"] = loss_scale
+        self.ckpt = tf.train.Checkpoint(**objects)
         self.uploaded: list[int] = []  # in the store, oldest first (the restored one too)
         self.latest: dict = {}  # the restored checkpoint's latest.json
 
@@ -375,14 +402,56 @@ class _Checkpointer:
         name = f"ckpt-{step}"
         for obj in self.store.list(self.prefix + name + "."):
             self.store.download_file(obj.key, self.local / obj.key[len(self.prefix):])
-        status = self.ckpt.read(str(self.local / name))
-        status.assert_existing_objects_matched()
+        saved_mixed = self._read(self.local / name)
         if int(self.step.numpy()) != step:
             raise RuntimeError(f"checkpoint {name} holds step {int(self.step.numpy())}, "
                                f"latest.json says {step}")
+        self._compare(name, {**latest, "mixed_precision": latest.get("mixed_precision",
+                                                                     saved_mixed)})
         self.latest = latest
         self.uploaded = [step]
         return step
+
+    def _read(self, path: Path) -> bool:
+        """Read a checkpoint of either layout into this run's objects; returns whether it was
+        written under mixed precision (it holds a loss scale)."""
+        import tensorflow as tf
+
+        names = [n for n, _ in tf.train.list_variables(str(path))]
+        legacy_mixed = any(n.startswith("optimizer/inner_optimizer/") for n in names)
+        has_scale = any(n.startswith("loss_scale/") for n in names)
+        objects = {"model": self.model_node, "step": self.step, "optimizer": self.optimizer}
+        if legacy_mixed:
+            # the earlier layout checkpointed the LossScaleOptimizer as "optimizer", the inner
+            # optimizer below it
+            objects["optimizer"] = (self.loss_scale if self.loss_scale is not None
+                                    else tf.train.Checkpoint(inner_optimizer=self.optimizer))
+        elif has_scale and self.loss_scale is not None:
+            objects["loss_scale"] = self.loss_scale
+        status = tf.train.Checkpoint(**objects).read(str(path))
+        # every weight, slot and counter of this run has its value; what the checkpoint has
+        # beyond them (another precision's loss scale, the earlier layout's duplicate
+        # optimizer below the model) is left
+        status.assert_existing_objects_matched().expect_partial()
+        return legacy_mixed or has_scale
+
+    def _compare(self, name: str, saved: dict) -> None:
+        precision = {True: "mixed precision (mixed_float16)", False: "float32"}
+        if saved.get("mixed_precision") is not None and \
+                bool(saved["mixed_precision"]) != self.run["mixed_precision"]:
+            log.warning(
+                "%s was trained in %s, this attempt trains in %s (mixed_precision='auto' "
+                "follows the machine's GPUs): the weights, optimizer state and step are "
+                "restored; %s", name, precision[bool(saved["mixed_precision"])],
+                precision[self.run["mixed_precision"]],
+                "the loss scale starts afresh" if self.run["mixed_precision"] else
+                "its loss scale is dropped")
+        if saved.get("replicas") is not None and saved["replicas"] != self.run["replicas"]:
+            log.warning("%s was trained on %d replica(s) (global batch %s), this attempt has "
+                        "%d (global batch %d): the steps from here on draw %d images each",
+                        name, saved["replicas"], saved.get("global_batch", "?"),
+                        self.run["replicas"], self.run["global_batch"],
+                        self.run["global_batch"])
 
     def save(self, step: int, extra_files: dict[str, Path], *, examples: int) -> None:
         """Checkpoint files first, then the extra files, then ``latest.json`` (the pointer a
@@ -400,7 +469,8 @@ class _Checkpointer:
         self.writer._check_lease()
         self.store.put_bytes(self.prefix + "latest.json",
                              json.dumps({"step": step, "path": Path(path).name,
-                                         "examples": examples}).encode())
+                                         "examples": examples, "format": 2,
+                                         **self.run}).encode())
         self.uploaded = [s for s in self.uploaded if s != step] + [step]
         self.drop(keep=self.uploaded[-KEEP_CHECKPOINTS:])
         log.info("checkpoint at step %d saved to %s", step, self.writer.uri(CHECKPOINTS))
@@ -487,10 +557,14 @@ def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: Trai
                                      freeze_backbone=cfg.freeze_backbone)
         inner = _optimizer(cfg)
         detector.compile(optimizer=inner)
-        inner.build(detector.trainable_variables)
-        # under mixed_float16 compile() wraps it in a LossScaleOptimizer: checkpoint that one
+        # under mixed_float16 compile() wraps it in a LossScaleOptimizer; built before the
+        # restore, so that its loss scale exists to be restored
         optimizer = detector.optimizer
-        checkpointer = _Checkpointer(writer, ckpt_dir, detector, optimizer)
+        optimizer.build(detector.trainable_variables)
+        checkpointer = _Checkpointer(
+            writer, ckpt_dir, detector, inner,
+            loss_scale=optimizer if optimizer is not inner else None, mixed=mixed,
+            replicas=replicas, global_batch=global_batch)
         start = checkpointer.restore()
     if start:
         log.info("resuming from the checkpoint at step %d of %d", start, cfg.num_steps)

@@ -254,25 +254,13 @@ def test_a_pointer_to_missing_files_falls_back_to_a_complete_checkpoint(setup, m
                                                                         caplog):
     """A prefix whose latest.json names deleted files (what the old final cleanup left) resumes
     from the newest complete checkpoint, or from step 0 when none is left, with a warning."""
-    import petdet_tasks.train as train_module
-
     work, store, records, preset = setup
     cfg = _small(preset, seed=34, num_steps=6)
-    original_save = train_module._Checkpointer.save
-
-    def save_then_crash(self, step, extra, **kw):
-        original_save(self, step, extra, **kw)
-        if step == 4:
-            raise _Crash("stopped after the checkpoint at step 4")
-
-    monkeypatch.setattr(train_module._Checkpointer, "save", save_then_crash)
+    prefixes = _crash_after(monkeypatch, 4)
     with pytest.raises(_Crash):
         train(store, records.uri, cfg, cache_dir=work / "cache")
     monkeypatch.undo()
-    prefix = next(o.key.rsplit("checkpoints/", 1)[0] for o in store.list("training/")
-                  if o.key.endswith("checkpoints/latest.json")
-                  and read_manifest(store, o.key.rsplit("checkpoints/", 1)[0]) is None)
-    for obj in list(store.list(prefix + "checkpoints/ckpt-4.")):
+    for obj in list(store.list(prefixes[0] + "checkpoints/ckpt-4.")):
         store.delete(obj.key)
     with caplog.at_level("WARNING", logger="petdet_tasks.train"):
         result = train(store, records.uri, cfg, cache_dir=work / "cache")
@@ -282,14 +270,11 @@ def test_a_pointer_to_missing_files_falls_back_to_a_complete_checkpoint(setup, m
 
     # none left at all: from step 0
     cfg = _small(preset, seed=35, num_steps=6)
-    monkeypatch.setattr(train_module._Checkpointer, "save", save_then_crash)
+    prefixes = _crash_after(monkeypatch, 4)
     with pytest.raises(_Crash):
         train(store, records.uri, cfg, cache_dir=work / "cache")
     monkeypatch.undo()
-    prefix = next(o.key.rsplit("checkpoints/", 1)[0] for o in store.list("training/")
-                  if o.key.endswith("checkpoints/latest.json")
-                  and read_manifest(store, o.key.rsplit("checkpoints/", 1)[0]) is None)
-    for obj in list(store.list(prefix + "checkpoints/ckpt-")):
+    for obj in list(store.list(prefixes[0] + "checkpoints/ckpt-")):
         store.delete(obj.key)
     caplog.clear()
     with caplog.at_level("WARNING", logger="petdet_tasks.train"):
@@ -415,6 +400,110 @@ def test_a_retry_after_the_final_checkpoint_commits_the_whole_history(setup, mon
     logs = [k for k in result.manifest["files"] if k.startswith("logs/")]
     assert len(logs) == 2  # the two attempts that trained; the third made none
     assert sorted(o.key[len(prefix):] for o in store.list(prefix + "logs/")) == sorted(logs)
+
+
+def _crash_after(monkeypatch, at: int) -> list[str]:
+    """Stop the next training right after its checkpoint at step ``at``; the list gets the
+    training's prefix."""
+    import petdet_tasks.train as train_module
+
+    original_save = train_module._Checkpointer.save
+    prefixes: list[str] = []
+
+    def save_then_crash(self, step, extra, **kw):
+        original_save(self, step, extra, **kw)
+        if step == at:
+            prefixes.append(self.writer.prefix)
+            raise _Crash(f"stopped after the checkpoint at step {at}")
+
+    monkeypatch.setattr(train_module._Checkpointer, "save", save_then_crash)
+    return prefixes
+
+
+def _latest(store, cfg_seed_prefix: str) -> dict:
+    return json.loads(store.read_text(cfg_seed_prefix + "checkpoints/latest.json"))
+
+
+def test_mixed_precision_auto_resumes_across_machines_with_and_without_gpu(setup, monkeypatch,
+                                                                          caplog):
+    """mixed_precision='auto' resolves by the machine: a retry on a machine without a GPU
+    resumes a checkpoint trained in mixed precision, and the other way round (it failed with
+    an InvalidArgumentError, retried forever). latest.json records the precision, the
+    replicas and the global batch; a change is a warning naming both."""
+    import keras
+
+    import petdet_tasks.train as train_module
+
+    work, store, records, preset = setup
+    cfg = _small(preset, seed=61, num_steps=6, mixed_precision="auto")
+    gpu = ["/physical_device:GPU:0 (pretended)"]
+    try:
+        monkeypatch.setattr(train_module, "_visible_gpus", lambda: gpu)
+        prefixes = _crash_after(monkeypatch, 2)
+        with pytest.raises(_Crash):
+            train(store, records.uri, cfg, cache_dir=work / "cache")
+        prefix = prefixes[0]
+        assert _latest(store, prefix) == {
+            "step": 2, "path": "ckpt-2", "examples": 8, "format": 2, "mixed_precision": True,
+            "replicas": 1, "global_batch": 4}
+        monkeypatch.undo()
+
+        _crash_after(monkeypatch, 4)  # no GPU: float32
+        with caplog.at_level("WARNING", logger="petdet_tasks.train"):
+            with pytest.raises(_Crash):
+                train(store, records.uri, cfg, cache_dir=work / "cache")
+        assert "ckpt-2 was trained in mixed precision (mixed_float16), this attempt trains " \
+            "in float32" in caplog.text
+        assert _latest(store, prefix)["mixed_precision"] is False
+        monkeypatch.undo()
+
+        caplog.clear()
+        monkeypatch.setattr(train_module, "_visible_gpus", lambda: gpu)
+        with caplog.at_level("WARNING", logger="petdet_tasks.train"):
+            result = train(store, records.uri, cfg, cache_dir=work / "cache")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert "ckpt-4 was trained in float32, this attempt trains in mixed precision" \
+        in caplog.text
+    assert result.outputs["resumed_from"] == 4 and result.outputs["steps"] == 6
+    assert result.outputs["mixed_precision"] is True
+
+
+def test_a_checkpoint_of_the_earlier_mixed_precision_layout_resumes_in_float32(
+        setup, monkeypatch):
+    """Checkpoints written before the layout change held the LossScaleOptimizer as
+    "optimizer" (its inner optimizer below it) and latest.json only the step: they restore,
+    under either precision."""
+    import keras
+    import tensorflow as tf
+
+    import petdet_tasks.train as train_module
+
+    work, store, records, preset = setup
+    cfg = _small(preset, seed=62, num_steps=6, mixed_precision="auto")
+    original_init = train_module._Checkpointer.__init__
+
+    def legacy_init(self, writer, local, model, optimizer, **kw):
+        original_init(self, writer, local, model, optimizer, **kw)
+        self.ckpt = tf.train.Checkpoint(model=model, optimizer=self.loss_scale, step=self.step)
+
+    try:
+        monkeypatch.setattr(train_module, "_visible_gpus", lambda: ["pretended"])
+        monkeypatch.setattr(train_module._Checkpointer, "__init__", legacy_init)
+        prefixes = _crash_after(monkeypatch, 2)
+        with pytest.raises(_Crash):
+            train(store, records.uri, cfg, cache_dir=work / "cache")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    monkeypatch.undo()
+    prefix = prefixes[0]
+    names = [n for n, _ in tf.train.list_variables(
+        str(work / "cache" / "training" / prefix.split("/")[1] / "ckpt" / "ckpt-2"))]
+    assert any(n.startswith("optimizer/inner_optimizer/") for n in names)  # the old layout
+    store.put_bytes(prefix + "checkpoints/latest.json",
+                    json.dumps({"step": 2, "path": "ckpt-2"}).encode())
+    result = train(store, records.uri, cfg, cache_dir=work / "cache")
+    assert result.outputs["resumed_from"] == 2 and result.outputs["mixed_precision"] is False
 
 
 def test_mixed_precision_path_runs_on_cpu(setup):
