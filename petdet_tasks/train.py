@@ -173,9 +173,14 @@ def resolve_preset(store: Store, preset: str, cache: Path) -> str:
 # Pieces that need TensorFlow (imported inside)
 # ---------------------------------------------------------------------------------------------
 
-def learning_rate_schedule(cfg: TrainConfig):
-    """A Keras schedule computing ``cfg.learning_rate.lr_at(step, num_steps)`` in graph mode;
-    it reads the optimizer's step counter, so a resumed run continues the same curve."""
+def learning_rate_schedule(cfg: TrainConfig, counter=None):
+    """A Keras schedule computing ``cfg.learning_rate.lr_at(step, num_steps)`` in graph mode.
+
+    ``counter``: a variable holding the training step (the steps done so far), which the
+    schedule reads instead of the step Keras passes, the optimizer's ``iterations``: under
+    mixed precision those skip the steps whose gradients overflowed, and the rate would lag
+    behind the step that the logs, the checkpoints and ``num_steps`` count. Restored with the
+    checkpoint, so a resumed run continues the same curve."""
     import keras
     import tensorflow as tf
 
@@ -184,7 +189,7 @@ def learning_rate_schedule(cfg: TrainConfig):
 
     class PetdetSchedule(keras.optimizers.schedules.LearningRateSchedule):
         def __call__(self, step):
-            step = tf.cast(step, tf.float32)
+            step = tf.cast(step if counter is None else counter, tf.float32)
             init = tf.constant(sched.initial_learning_rate, tf.float32)
             if sched.kind == "constant":
                 return init
@@ -209,10 +214,10 @@ def learning_rate_schedule(cfg: TrainConfig):
     return PetdetSchedule()
 
 
-def _optimizer(cfg: TrainConfig):
+def _optimizer(cfg: TrainConfig, counter=None):
     import keras
 
-    lr = learning_rate_schedule(cfg)
+    lr = learning_rate_schedule(cfg, counter)
     kwargs = {"clipnorm": cfg.clipnorm} if cfg.clipnorm else {}
     if cfg.weight_decay:
         kwargs["weight_decay"] = cfg.weight_decay
@@ -331,7 +336,7 @@ class _Checkpointer:
     and the global batch."""
 
     def __init__(self, writer: StepWriter, local: Path, model, optimizer, *, loss_scale=None,
-                 mixed: bool = False, replicas: int = 1, global_batch: int = 1):
+                 mixed: bool = False, replicas: int = 1, global_batch: int = 1, step=None):
         import tensorflow as tf
 
         self.writer, self.store, self.local = writer, writer.store, local
@@ -340,7 +345,8 @@ class _Checkpointer:
         self.run = {"mixed_precision": mixed, "replicas": replicas, "global_batch": global_batch}
         # the step counter is saved on its own: with mixed precision the optimizer's
         # iterations skip the steps whose gradients overflowed
-        self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.step = step if step is not None else tf.Variable(0, dtype=tf.int64,
+                                                               trainable=False)
         # the model's own dependencies less its optimizer (Keras tracks the compiled one, the
         # LossScaleOptimizer under mixed precision, and then the layouts would differ by the
         # precision): the optimizers are checkpointed at the top
@@ -520,6 +526,7 @@ def train(store: Store, tfrecords_uri: str, cfg: TrainConfig, *, cache_dir=None,
 def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: TrainConfig,
                 cache: Path, fp: str) -> dict:
     import keras
+    import tensorflow as tf
 
     from petdet_tasks.detector import load_for_finetune, save_preset
     from petdet_tasks.label_map import parse_label_map
@@ -555,7 +562,10 @@ def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: Trai
     with strategy.scope():
         detector = load_for_finetune(preset, num_classes, image_size=cfg.image_size,
                                      freeze_backbone=cfg.freeze_backbone)
-        inner = _optimizer(cfg)
+        # the training step (steps done): drives the learning rate, saved in the checkpoints
+        counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="petdet_step",
+                              aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        inner = _optimizer(cfg, counter)
         detector.compile(optimizer=inner)
         # under mixed_float16 compile() wraps it in a LossScaleOptimizer; built before the
         # restore, so that its loss scale exists to be restored
@@ -564,7 +574,7 @@ def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: Trai
         checkpointer = _Checkpointer(
             writer, ckpt_dir, detector, inner,
             loss_scale=optimizer if optimizer is not inner else None, mixed=mixed,
-            replicas=replicas, global_batch=global_batch)
+            replicas=replicas, global_batch=global_batch, step=counter)
         start = checkpointer.restore()
     if start:
         log.info("resuming from the checkpoint at step %d of %d", start, cfg.num_steps)
@@ -603,7 +613,7 @@ def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: Trai
 
     # the lease is checked after every batch (it only reads a flag the renewing thread sets)
     progress = _Progress(cfg, global_batch, start, history, history_path, logs_dir, checkpoint,
-                         writer._check_lease)
+                         writer._check_lease, counter)
     remaining = cfg.num_steps - start
     if remaining > 0:
         log.info("training steps %d..%d, global batch %d, %s, checkpoint every %d", start,
@@ -677,8 +687,9 @@ def _make_progress_class():
         resumed run continues the curves)."""
 
         def __init__(self, cfg, global_batch, start, history, history_path, logs_dir,
-                     checkpoint, check_lease):
+                     checkpoint, check_lease, counter):
             super().__init__()
+            self.counter = counter  # the step the learning rate schedule reads
             self.cfg, self.batch, self.step = cfg, global_batch, start
             self.checkpoint, self.saved, self.check_lease = checkpoint, start, check_lease
             self.history, self.history_path = history, history_path
@@ -692,6 +703,7 @@ def _make_progress_class():
 
         def on_train_batch_end(self, batch, logs=None):
             self.step += 1
+            self.counter.assign(self.step)  # the next batch trains at lr_at(self.step)
             self.check_lease()  # LeaseLost: another attempt took the prefix over; stop now
             running = float((logs or {}).get("loss", float("nan")))
             if not abs(running) < DIVERGED_LOSS:  # also NaN
@@ -721,7 +733,9 @@ def _make_progress_class():
             rate = (self.step - self.step_at_last) * self.batch / max(now - self.t_last, 1e-9)
             left = (self.cfg.num_steps - self.step) * self.batch / max(rate, 1e-9)
             mean = sum(self.losses) / len(self.losses)
-            lr = self.cfg.learning_rate.lr_at(self.step, self.cfg.num_steps)
+            # the rate the step just taken trained at (step s, counted from 1, ran at
+            # lr_at(s - 1): the schedule counts the steps done before it)
+            lr = self.cfg.learning_rate.lr_at(self.step - 1, self.cfg.num_steps)
             log.info("step %d/%d  loss %.4f  lr %.3g  %.1f images/s  ETA %s", self.step,
                      self.cfg.num_steps, mean, lr, rate, _hms(left))
             self.history.append({"step": self.step, "loss": round(mean, 5), "lr": lr,

@@ -52,6 +52,8 @@ def _config(preset, **kw) -> TrainConfig:
 
 
 def test_learning_rate_schedule_matches_the_reference():
+    import tensorflow as tf
+
     for sched in (LRSchedule(kind="constant", initial_learning_rate=0.01),
                   LRSchedule(kind="manual_step", initial_learning_rate=3e-4,
                              steps=((50, 3e-5), (80, 3e-6)), warmup_steps=10,
@@ -60,9 +62,14 @@ def test_learning_rate_schedule_matches_the_reference():
                              warmup_start_lr=0.001, alpha=0.1)):
         cfg = TrainConfig(num_steps=100, learning_rate=sched, checkpoint_every_n=10)
         tf_sched = learning_rate_schedule(cfg)
+        counter = tf.Variable(0, dtype=tf.int64)
+        by_counter = learning_rate_schedule(cfg, counter)
         for step in (0, 5, 10, 19, 20, 49, 50, 51, 79, 80, 99, 100, 150):
             assert float(tf_sched(step)) == pytest.approx(sched.lr_at(step, 100), rel=1e-5,
                                                           abs=1e-9), (sched.kind, step)
+            counter.assign(step)  # the step Keras passes (the iterations) is not read
+            assert float(by_counter(7)) == pytest.approx(sched.lr_at(step, 100), rel=1e-5,
+                                                         abs=1e-9), (sched.kind, step)
 
 
 def test_fine_tuning_learns_the_synthetic_pets_and_is_cached(setup):
@@ -504,6 +511,40 @@ def test_a_checkpoint_of_the_earlier_mixed_precision_layout_resumes_in_float32(
                     json.dumps({"step": 2, "path": "ckpt-2"}).encode())
     result = train(store, records.uri, cfg, cache_dir=work / "cache")
     assert result.outputs["resumed_from"] == 2 and result.outputs["mixed_precision"] is False
+
+
+def test_the_learning_rate_follows_the_training_step_not_the_optimizer_iterations(
+        setup, monkeypatch):
+    """Under mixed precision the optimizer's iterations skip the steps whose gradients
+    overflowed; the rate followed them while the logs showed lr_at(step). Here the iterations
+    are pushed ahead by 100 after the first step (what skips do the other way): every step
+    still trains at lr_at(step - 1) and history.jsonl says so."""
+    import petdet_tasks.train as train_module
+
+    work, store, records, preset = setup
+    sched = LRSchedule(kind="cosine", initial_learning_rate=0.004, warmup_steps=2,
+                       warmup_start_lr=0.0004, alpha=0.1)
+    cfg = _small(preset, seed=71, num_steps=6, log_every_n=1, learning_rate=sched)
+    applied = []
+    original_class = train_module._make_progress_class
+
+    def progress_class():
+        class Spying(original_class()):
+            def on_train_batch_end(self, batch, logs=None):
+                optimizer = self.model.optimizer
+                applied.append((self.step + 1, float(optimizer.learning_rate)))
+                if self.step == 0:
+                    optimizer.iterations.assign_add(100)
+                super().on_train_batch_end(batch, logs)
+        return Spying
+
+    monkeypatch.setattr(train_module, "_make_progress_class", progress_class)
+    result = train(store, records.uri, cfg, cache_dir=work / "cache")
+    expected = [(s, pytest.approx(sched.lr_at(s - 1, 6), rel=1e-5)) for s in range(1, 7)]
+    assert applied == expected
+    history = [json.loads(x) for x in store.read_text(
+        step_prefix("train", result.fingerprint) + "history.jsonl").splitlines()]
+    assert [(h["step"], h["lr"]) for h in history] == expected
 
 
 def test_mixed_precision_path_runs_on_cpu(setup):
