@@ -517,6 +517,12 @@ class _Converter:
         if bs is not None:
             self.kw["batch_size"] = bs
             self.map(f"{tp}.batch_size")
+            if bs > 1:
+                # the same number means another batch on several GPUs: say which
+                self.warn(f"{tp}.batch_size={bs} is the OD API's global batch (split across "
+                          f"the GPUs); petdet's batch_size is per replica (global batch = "
+                          f"batch_size x GPUs): batch_size={bs} is the same batch on one GPU; "
+                          f"on N GPUs set batch_size to {bs}/N")
 
         n = self.int_(tc, "num_steps", f"{tp}.num_steps")
         if n is None or n <= 0:
@@ -535,6 +541,7 @@ class _Converter:
             self.optimizer(opt, f"{tp}.optimizer")
 
         clip = self.float_(tc, "gradient_clipping_by_norm", f"{tp}.gradient_clipping_by_norm")
+        # both clip the global norm of all the gradients together (tf.clip_by_global_norm)
         self.kw["clipnorm"] = clip if clip and clip > 0 else None  # 0 / absent: no clipping
         if "gradient_clipping_by_norm" in tc:
             self.map(f"{tp}.gradient_clipping_by_norm")

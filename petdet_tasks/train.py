@@ -218,7 +218,9 @@ def _optimizer(cfg: TrainConfig, counter=None):
     import keras
 
     lr = learning_rate_schedule(cfg, counter)
-    kwargs = {"clipnorm": cfg.clipnorm} if cfg.clipnorm else {}
+    # the norm of all the gradients together, as the OD API's gradient_clipping_by_norm
+    # (tf.clip_by_global_norm); Keras' clipnorm would clip each variable's on its own
+    kwargs = {"global_clipnorm": cfg.clipnorm} if cfg.clipnorm else {}
     if cfg.weight_decay:
         kwargs["weight_decay"] = cfg.weight_decay
     if cfg.optimizer == "adam":

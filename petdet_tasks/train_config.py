@@ -254,11 +254,11 @@ class TrainConfig:
 
     image_size: int = 384
     keep_aspect_ratio: bool = True
-    batch_size: int = 8
+    batch_size: int = 8  # per replica: the global batch is batch_size x replicas (GPUs)
     optimizer: str = "sgd"
     momentum: float = 0.9
     learning_rate: LRSchedule = field(default_factory=LRSchedule)
-    clipnorm: float | None = 10.0
+    clipnorm: float | None = 10.0  # the global norm of all the gradients (None: no clipping)
     weight_decay: float = 0.0
     num_steps: int = 2000
     checkpoint_every_n: int = 200

@@ -298,6 +298,12 @@ def test_ssd_fixed_shape_adam_cosine():
     assert c.learning_rate.lr_at(500, c.num_steps) == pytest.approx(0.004)
     assert c.clipnorm is None  # no gradient_clipping_by_norm: no clipping, as in the OD API
     assert c.preset == "kaggle://keras/retinanet/keras/retinanet_resnet50_fpn_coco/2"
+    # the OD API's batch_size is the global batch, petdet's per replica: the warning says so
+    batch = [w for w in conv.warnings if w.startswith("train_config.batch_size")]
+    assert batch == ["train_config.batch_size=16 is the OD API's global batch (split across "
+                     "the GPUs); petdet's batch_size is per replica (global batch = batch_size "
+                     "x GPUs): batch_size=16 is the same batch on one GPU; on N GPUs set "
+                     "batch_size to 16/N"]
     assert c.augmentation.horizontal_flip is True
     assert c.augmentation.scale_jitter == (0.75, 1.5)
     assert c.augmentation.color_jitter == pytest.approx(0.3)
