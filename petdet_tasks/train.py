@@ -43,7 +43,7 @@ from petdet_tasks.train_config import TrainConfig
 log = logging.getLogger(__name__)
 
 STEP = "train"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: one input stream for the run, global-norm clipping, LR by step
 CHECKPOINTS = "checkpoints/"
 KEEP_CHECKPOINTS = 2
 LEASE_TTL_S = float(os.environ.get("PETDET_TRAIN_LEASE_TTL_S", "120"))
