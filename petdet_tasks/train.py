@@ -4,17 +4,20 @@
 
 * ``checkpoints/ckpt-<step>.{index,data-*}`` + ``checkpoints/latest.json`` — written every
   ``checkpoint_every_n`` steps (model *and* optimizer state, ``tf.train.Checkpoint``), uploaded
-  as training goes; the last two are kept;
-* ``history.jsonl`` (step, loss, learning rate, images/s), ``curves.png``, ``logs/`` (TensorBoard
-  event files);
+  as training goes; the last two are kept. ``latest.json`` also records the images of the
+  input stream trained on, the precision, the replicas and the global batch;
+* ``history.jsonl`` (step, loss, learning rate of that step, images/s), ``curves.png``,
+  ``logs/`` (TensorBoard event files); history.jsonl and logs/ go with every checkpoint;
 * ``preset/`` — the fine-tuned model as a keras-hub preset (what export loads);
 * ``label_map.pbtxt`` (the records'), ``train_config.json``, and the manifest with the final
   metrics (final loss, recall at IoU 0.5 with the right class on the val split).
 
 Resume: the step runs under the commit protocol with ``resume=True``; a prefix without a
 manifest but with ``checkpoints/latest.json`` is a training that stopped (killed, preempted,
-failed). The next attempt restores model, optimizer and step counter from that checkpoint and
-trains on to ``num_steps`` — never from 0.
+failed). The next attempt restores model, optimizer and step counter from that checkpoint (or
+the newest complete one, should latest.json name missing files), continues the input stream
+where it stopped (one stream for the whole run: every epoch reads every record) and trains on
+to ``num_steps`` — never from 0. A writer whose lease was taken over stops at the next batch.
 
 Devices: a ``tf.distribute.MirroredStrategy`` over the visible GPUs (on a machine without one,
 its single CPU replica runs the same code); ``batch_size`` is per replica, the global batch is
