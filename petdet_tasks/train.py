@@ -336,9 +336,9 @@ class _Checkpointer:
     one (its scale). ``mixed_precision="auto"`` resolves by the machine, so a retry may run in
     another precision than the checkpoint: it restores the weights, the optimizer state and
     the step all the same (the loss scale starts afresh when it had none), with a warning
-    naming both. Checkpoints of the earlier layout (``optimizer`` = the LossScaleOptimizer
-    under mixed precision) restore too. ``latest.json`` records the precision, the replicas
-    and the global batch."""
+    naming both. ``latest.json`` records the precision, the replicas and the global batch.
+    (Checkpoints of the earlier layout, ``optimizer`` = the LossScaleOptimizer, cannot be met:
+    they belong to schema-1 trainings, whose fingerprints schema 2 never reuses.)"""
 
     def __init__(self, writer: StepWriter, local: Path, model, optimizer, *, loss_scale=None,
                  mixed: bool = False, replicas: int = 1, global_batch: int = 1, step=None):
@@ -424,27 +424,20 @@ class _Checkpointer:
         return step
 
     def _read(self, path: Path) -> bool:
-        """Read a checkpoint of either layout into this run's objects; returns whether it was
-        written under mixed precision (it holds a loss scale)."""
+        """Read a checkpoint into this run's objects; returns whether it was written under
+        mixed precision (it holds a loss scale)."""
         import tensorflow as tf
 
         names = [n for n, _ in tf.train.list_variables(str(path))]
-        legacy_mixed = any(n.startswith("optimizer/inner_optimizer/") for n in names)
         has_scale = any(n.startswith("loss_scale/") for n in names)
         objects = {"model": self.model_node, "step": self.step, "optimizer": self.optimizer}
-        if legacy_mixed:
-            # the earlier layout checkpointed the LossScaleOptimizer as "optimizer", the inner
-            # optimizer below it
-            objects["optimizer"] = (self.loss_scale if self.loss_scale is not None
-                                    else tf.train.Checkpoint(inner_optimizer=self.optimizer))
-        elif has_scale and self.loss_scale is not None:
+        if has_scale and self.loss_scale is not None:
             objects["loss_scale"] = self.loss_scale
         status = tf.train.Checkpoint(**objects).read(str(path))
         # every weight, slot and counter of this run has its value; what the checkpoint has
-        # beyond them (another precision's loss scale, the earlier layout's duplicate
-        # optimizer below the model) is left
+        # beyond them (another precision's loss scale) is left
         status.assert_existing_objects_matched().expect_partial()
-        return legacy_mixed or has_scale
+        return has_scale
 
     def _compare(self, name: str, saved: dict) -> None:
         precision = {True: "mixed precision (mixed_float16)", False: "float32"}

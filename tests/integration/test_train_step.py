@@ -476,43 +476,6 @@ def test_mixed_precision_auto_resumes_across_machines_with_and_without_gpu(setup
     assert result.outputs["mixed_precision"] is True
 
 
-def test_a_checkpoint_of_the_earlier_mixed_precision_layout_resumes_in_float32(
-        setup, monkeypatch):
-    """Checkpoints written before the layout change held the LossScaleOptimizer as
-    "optimizer" (its inner optimizer below it) and latest.json only the step: they restore,
-    under either precision."""
-    import keras
-    import tensorflow as tf
-
-    import petdet_tasks.train as train_module
-
-    work, store, records, preset = setup
-    cfg = _small(preset, seed=62, num_steps=6, mixed_precision="auto")
-    original_init = train_module._Checkpointer.__init__
-
-    def legacy_init(self, writer, local, model, optimizer, **kw):
-        original_init(self, writer, local, model, optimizer, **kw)
-        self.ckpt = tf.train.Checkpoint(model=model, optimizer=self.loss_scale, step=self.step)
-
-    try:
-        monkeypatch.setattr(train_module, "_visible_gpus", lambda: ["pretended"])
-        monkeypatch.setattr(train_module._Checkpointer, "__init__", legacy_init)
-        prefixes = _crash_after(monkeypatch, 2)
-        with pytest.raises(_Crash):
-            train(store, records.uri, cfg, cache_dir=work / "cache")
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-    monkeypatch.undo()
-    prefix = prefixes[0]
-    names = [n for n, _ in tf.train.list_variables(
-        str(work / "cache" / "training" / prefix.split("/")[1] / "ckpt" / "ckpt-2"))]
-    assert any(n.startswith("optimizer/inner_optimizer/") for n in names)  # the old layout
-    store.put_bytes(prefix + "checkpoints/latest.json",
-                    json.dumps({"step": 2, "path": "ckpt-2"}).encode())
-    result = train(store, records.uri, cfg, cache_dir=work / "cache")
-    assert result.outputs["resumed_from"] == 2 and result.outputs["mixed_precision"] is False
-
-
 def test_the_learning_rate_follows_the_training_step_not_the_optimizer_iterations(
         setup, monkeypatch):
     """Under mixed precision the optimizer's iterations skip the steps whose gradients
