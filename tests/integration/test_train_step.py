@@ -183,13 +183,7 @@ def test_one_input_stream_per_run_and_a_resumed_run_continues_it(setup, monkeypa
                   learning_rate=LRSchedule(kind="constant", initial_learning_rate=0.001))
     made = _spy_streams(monkeypatch)
     original_save = train_module._Checkpointer.save
-
-    def save_then_crash(self, step, extra, **kw):
-        original_save(self, step, extra, **kw)
-        if step == 4:
-            raise _Crash("killed after the checkpoint at step 4")
-
-    monkeypatch.setattr(train_module._Checkpointer, "save", save_then_crash)
+    _crash_after(monkeypatch, 4)
     with pytest.raises(_Crash):
         train(store, records.uri, cfg, cache_dir=work / "cache")
     assert made == [{"seed": 21, "skip": 0, "shards": 2}], "one stream for steps 0..4"
@@ -364,19 +358,11 @@ def test_a_retry_after_the_final_checkpoint_commits_the_whole_history(setup, mon
     the whole run's. (history.jsonl went with the intermediate checkpoints only and logs/
     only with the commit: the retry committed steps 1-2, no curves of steps 3-4 and step 2's
     loss as the final one.)"""
-    import petdet_tasks.train as train_module
     from petdet_tasks.manifest import StepWriter
 
     work, store, records, preset = setup
     cfg = _small(preset, seed=51, log_every_n=1)
-    original_save = train_module._Checkpointer.save
-
-    def save_then_crash(self, step, extra, **kw):
-        original_save(self, step, extra, **kw)
-        if step == 2:
-            raise _Crash("stopped after the checkpoint at step 2")
-
-    monkeypatch.setattr(train_module._Checkpointer, "save", save_then_crash)
+    _crash_after(monkeypatch, 2)
     with pytest.raises(_Crash):
         train(store, records.uri, cfg, cache_dir=work / "cache")
     monkeypatch.undo()
