@@ -42,7 +42,13 @@ from pathlib import Path
 
 from petdet_tasks.errors import ConfigError
 from petdet_tasks.label_map import LabelMap
-from petdet_tasks.layout import PRODUCTION_POINTER, cache_root, fingerprint, step_prefix
+from petdet_tasks.layout import (
+    PRODUCTION_POINTER,
+    cache_root,
+    fingerprint,
+    output_uri,
+    step_prefix,
+)
 from petdet_tasks.manifest import StepResult, StepWriter, load_output, run_step
 from petdet_tasks.store import Store
 
@@ -377,7 +383,7 @@ def promote_evaluated(store: Store, evaluation_uri: str, *, metric: str = "mAP",
                             "which models are fitted on (a model that memorises it would win); "
                             "evaluate on a held-out split (val)")
     records_fp = result.manifest["inputs"]["tfrecords"]
-    records_uri = store.uri(step_prefix("tfrecords", records_fp).rstrip("/"))
+    records_uri = output_uri(store, "tfrecords", records_fp)
 
     def rescore(pointer: dict) -> tuple[str, dict]:
         """Production's metrics on the candidate's set (a cached evaluation after the first)."""
@@ -387,7 +393,7 @@ def promote_evaluated(store: Store, evaluation_uri: str, *, metric: str = "mAP",
 
     model_fp = result.manifest["inputs"]["model"]
     numbers = {k: metrics[k] for k in QUALITY_METRICS if k in metrics}
-    decision = promote(store, model_uri=store.uri(step_prefix("export", model_fp).rstrip("/")),
+    decision = promote(store, model_uri=output_uri(store, "export", model_fp),
                        model_fingerprint=model_fp,
                        evaluation_uri=result.uri, metrics=numbers, metric=metric,
                        margin=margin, run_id=run_id,

@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from petdet_tasks.errors import ConfigError, PermanentError
-from petdet_tasks.layout import cache_root, canonical_json, fingerprint, step_prefix
+from petdet_tasks.layout import cache_root, canonical_json, fingerprint, output_uri, step_prefix
 from petdet_tasks.manifest import StepResult, StepWriter, fetch_tree, load_output, run_step
 from petdet_tasks.store import Store
 
@@ -617,8 +617,7 @@ def _export_body(store: Store, writer: StepWriter, training: StepResult, cfg: Ex
     image_size = int(train_cfg["image_size"])
     keep_aspect = bool(train_cfg.get("keep_aspect_ratio", True))
     records_fp = training.manifest.get("inputs", {}).get("tfrecords")
-    records_uri = store.uri(step_prefix("tfrecords", records_fp).rstrip("/")) \
-        if records_fp else None
+    records_uri = output_uri(store, "tfrecords", records_fp) if records_fp else None
 
     preset = fetch_tree(store, training, "preset/", work / "preset")
     keras.mixed_precision.set_global_policy("float32")  # serve in float32 whatever trained

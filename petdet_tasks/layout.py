@@ -63,6 +63,11 @@ def step_prefix(step: str, fp: str) -> str:
     return f"{STEP_FOLDERS[step]}/{fp}/"
 
 
+def output_uri(store, step: str, fp: str) -> str:
+    """The URI of a step's output ``<root>/<folder>/<fingerprint>`` in ``store``."""
+    return store.uri(step_prefix(step, fp).rstrip("/"))
+
+
 def manifest_key(prefix: str) -> str:
     return prefix + MANIFEST
 

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from petdet_tasks.errors import PermanentError
-from petdet_tasks.layout import PRODUCTION_POINTER, split_output_uri, step_prefix
+from petdet_tasks.layout import PRODUCTION_POINTER, output_uri, split_output_uri
 from petdet_tasks.store import NotFound, PreconditionFailed, Store
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def production_model_uri(store: Store, pointer: Mapping) -> str:
     """The production model's URI in this store, from its fingerprint. The pointer's
     ``model_uri`` is where it was promoted: a store restored elsewhere, or a bucket reached
     through another root, holds the same ``models/<fingerprint>`` under a different root."""
-    return store.uri(step_prefix("export", pointer["model_fingerprint"]).rstrip("/"))
+    return output_uri(store, "export", pointer["model_fingerprint"])
 
 
 def describe_set(evaluated_on: Mapping | None) -> str:
