@@ -6,7 +6,9 @@ bound to 127.0.0.1, started once per session and stopped at the end.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,6 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # Airflow reads its configuration when first imported: point it at a throw-away home, this
 # repository's dags/ and plugins/, and a SQLite metadata DB, before any test imports it.
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="petdet-airflow-home-"))
+# removed when the session's process exits: it holds the metadata DB and the worker cache of
+# every step the tests run (hundreds of MB), which repeated runs would otherwise pile up in /tmp
+_SESSION_PID = os.getpid()
+
+
+@atexit.register
+def _remove_airflow_home() -> None:
+    if os.getpid() == _SESSION_PID:  # not in a forked child that exits through atexit
+        shutil.rmtree(_AIRFLOW_HOME, ignore_errors=True)
+
+
 os.environ.update({
     "AIRFLOW_HOME": str(_AIRFLOW_HOME),
     "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
