@@ -116,13 +116,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
-from petdet_tasks import annotate
+from petdet_tasks import annotate, worker_cache
 from petdet_tasks.errors import ConfigError, PermanentError
 from petdet_tasks.images import read_header
 from petdet_tasks.label_map import LabelMap, parse_label_map
 from petdet_tasks.layout import (
     PLAN,
     PRODUCTION_POINTER,
+    cache_root,
     fingerprint,
     split_output_uri,
     step_prefix,
@@ -1074,15 +1075,17 @@ def run_shards(store: Store, p: DetectPlan, units: Iterable[int], cfg: DetectCon
         from petdet_tasks.export import load_exported
 
         started = time.monotonic()
-        result, saved_model, labels = load_exported(store, p.model_uri, cache_dir)
-        if result.fingerprint != p.model_fingerprint:
-            raise StoreError(f"{p.model_uri} has fingerprint {result.fingerprint}, the plan "
-                             f"says {p.model_fingerprint}")
-        model = _load_model(saved_model)
-        runner = _ShardRunner(store, p, cfg, model, labels)
-        n = sum(len(p.shard_items(u)) for u in todo)
-        t0 = time.monotonic()
-        runner.run(todo)
+        # the model's local copy stays in the worker cache while the shards run
+        with worker_cache.in_use(cache_root(cache_dir), ("models", p.model_fingerprint)):
+            result, saved_model, labels = load_exported(store, p.model_uri, cache_dir)
+            if result.fingerprint != p.model_fingerprint:
+                raise StoreError(f"{p.model_uri} has fingerprint {result.fingerprint}, the "
+                                 f"plan says {p.model_fingerprint}")
+            model = _load_model(saved_model)
+            runner = _ShardRunner(store, p, cfg, model, labels)
+            n = sum(len(p.shard_items(u)) for u in todo)
+            t0 = time.monotonic()
+            runner.run(todo)
         secs = time.monotonic() - t0
         reports.update(runner.reports)
         LAST_RUN.clear()

@@ -40,6 +40,7 @@ import os
 import time
 from pathlib import Path
 
+from petdet_tasks import worker_cache
 from petdet_tasks.errors import ConfigError
 from petdet_tasks.label_map import LabelMap
 from petdet_tasks.layout import (
@@ -102,7 +103,10 @@ def evaluate(store: Store, model_uri: str, tfrecords_uri: str, cfg: EvalConfig |
     cache = cache_root(cache_dir)
 
     def body(writer: StepWriter) -> dict:
-        return _evaluate_body(store, writer, model, records, cfg, cache)
+        # the model and the staged records stay in the worker cache while it reads them
+        with worker_cache.in_use(cache, ("models", model.fingerprint),
+                                 ("tfrecords", records.fingerprint)):
+            return _evaluate_body(store, writer, model, records, cfg, cache)
 
     return run_step(store, STEP, SCHEMA_VERSION, inputs=inputs, config=cfg.fingerprint_fields(),
                     body=body, force=force, fp=fp, run_id=run_id)

@@ -55,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
+from petdet_tasks import worker_cache
 from petdet_tasks.errors import ConfigError, PermanentError
 from petdet_tasks.layout import cache_root, canonical_json, fingerprint, output_uri, step_prefix
 from petdet_tasks.manifest import StepResult, StepWriter, fetch_tree, load_output, run_step
@@ -569,8 +570,16 @@ def export(store: Store, training_uri: str, cfg: ExportConfig | None = None, *,
         _refuse_to_force_production(store, fp)
     cache = cache_root(cache_dir)
 
+    records_fp = training.manifest.get("inputs", {}).get("tfrecords")
+    held = [("export", fp)] + ([("tfrecords", records_fp)] if records_fp else [])
+
     def body(writer: StepWriter) -> dict:
-        return _export_body(store, writer, training, cfg, cache, cache / "export" / fp)
+        # its scratch and the staged records it takes fixture images from are held in the
+        # worker cache meanwhile; the scratch goes once the outputs are up
+        with worker_cache.in_use(cache, *held):
+            out = _export_body(store, writer, training, cfg, cache, cache / "export" / fp)
+            shutil.rmtree(cache / "export" / fp, ignore_errors=True)
+            return out
 
     return run_step(store, STEP, SCHEMA_VERSION, inputs=inputs, config=cfg.to_dict(),
                     body=body, force=force, fp=fp, run_id=run_id)

@@ -35,8 +35,10 @@ import os
 import re
 import shutil
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
+from petdet_tasks import worker_cache
 from petdet_tasks.errors import ConfigError, PermanentError
 from petdet_tasks.layout import cache_root, fingerprint, step_prefix
 from petdet_tasks.manifest import StepResult, StepWriter, load_output, run_step
@@ -154,8 +156,12 @@ def _check_preset_name(preset: str) -> None:
             "local directory, a store prefix or a kaggle:// / hf:// handle")
 
 
-def resolve_preset(store: Store, preset: str, cache: Path) -> str:
-    """A local directory (a store prefix is synced to the cache first) or the name/handle."""
+def resolve_preset(store: Store, preset: str, cache: Path, hold: ExitStack | None = None
+                   ) -> str:
+    """A local directory (a store prefix is synced to the cache first) or the name/handle.
+
+    ``hold``: where a synced copy is held in use (:func:`worker_cache.in_use`), so that it is
+    not evicted while the caller reads it."""
     preset = _in_store(store, preset)
     if Path(preset).expanduser().is_dir():
         return str(Path(preset).expanduser())
@@ -164,6 +170,8 @@ def resolve_preset(store: Store, preset: str, cache: Path) -> str:
         _check_preset_name(preset)
         return preset  # keras-hub preset name or kaggle:// handle: keras-hub downloads it
     local = cache / "presets" / hashlib.sha256(store.uri(rel).encode()).hexdigest()[:16]
+    if hold is not None:
+        hold.enter_context(worker_cache.in_use(cache, ("presets", local.name)))
     for obj in store.list(rel):
         dest = local / obj.key[len(rel):]
         if not (dest.exists() and dest.stat().st_size == obj.size):
@@ -513,7 +521,14 @@ def train(store: Store, tfrecords_uri: str, cfg: TrainConfig, *, cache_dir=None,
     cache = cache_root(cache_dir)
 
     def body(writer: StepWriter) -> dict:
-        return _train_body(store, writer, records, cfg, cache, fp)
+        # its scratch and staged records are held in the worker cache while it trains (no
+        # other step on this worker evicts them), and the scratch goes once the outputs are up
+        with ExitStack() as hold:
+            hold.enter_context(worker_cache.in_use(
+                cache, ("training", fp), ("tfrecords", records.fingerprint)))
+            out = _train_body(store, writer, records, cfg, cache, fp, hold)
+            shutil.rmtree(cache / "training" / fp, ignore_errors=True)
+            return out
 
     return run_step(store, STEP, SCHEMA_VERSION, inputs=inputs, config=config,
                     body=body, force=force, resume=True, fp=fp, run_id=run_id,
@@ -522,7 +537,7 @@ def train(store: Store, tfrecords_uri: str, cfg: TrainConfig, *, cache_dir=None,
 
 
 def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: TrainConfig,
-                cache: Path, fp: str) -> dict:
+                cache: Path, fp: str, hold: ExitStack | None = None) -> dict:
     import keras
     import tensorflow as tf
 
@@ -542,7 +557,7 @@ def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: Trai
     shutil.rmtree(work, ignore_errors=True)  # the store holds the truth; local is scratch
     ckpt_dir.mkdir(parents=True)
     keras.utils.set_random_seed(cfg.seed)
-    preset = resolve_preset(store, cfg.preset, cache)  # a wrong one fails before any staging
+    preset = resolve_preset(store, cfg.preset, cache, hold)  # a wrong one fails before staging
 
     strategy, mixed = _strategy_and_precision(cfg)
     replicas = strategy.num_replicas_in_sync

@@ -92,6 +92,7 @@ def test_export_writes_the_artefacts_and_is_cached(trained, exported):
     assert out["parity_checks"] == 5
     assert out["parity_max_score_diff"] <= export_mod.PARITY_ATOL
     assert out["fixture_detections"] > 0, "the parity check compared real detections"
+    assert not (trained.work / "cache" / "export" / result.fingerprint).exists(), "scratch kept"
     prefix = step_prefix("export", result.fingerprint)
     pipeline = json.loads(trained.store.read_text(prefix + "pipeline.json"))
     assert pipeline["training_uri"] == trained.training.uri

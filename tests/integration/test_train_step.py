@@ -91,6 +91,13 @@ def test_fine_tuning_learns_the_synthetic_pets_and_is_cached(setup):
                 "checkpoints/ckpt-300.index"):
         assert rel in files, rel
     assert any(k.startswith("logs/") for k in files), "TensorBoard event files"
+    # the worker cache: the run's scratch (checkpoints, preset) goes once it is uploaded; the
+    # staged records stay for the next step on this worker, marked used (worker_cache)
+    cache = work / "cache"
+    assert not (cache / "training" / result.fingerprint).exists()
+    assert sorted(p.name for p in (cache / "tfrecords" / records.fingerprint).iterdir()) == [
+        f"{s}-{i:05d}-of-00002.tfrecord" for s in ("train", "val") for i in range(2)]
+    assert (cache / ".locks" / "tfrecords" / f"{records.fingerprint}.lock").is_file()
     history = [json.loads(x) for x in store.read_text(
         step_prefix("train", result.fingerprint) + "history.jsonl").splitlines()]
     assert [h["step"] for h in history] == list(range(50, 301, 50))

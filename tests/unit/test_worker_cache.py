@@ -1,0 +1,145 @@
+"""The worker-local cache's budget: least recently used evicted first, never an entry in use
+(by this process or another), a bad budget refused."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from petdet_tasks import worker_cache
+from petdet_tasks.errors import ConfigError
+from petdet_tasks.worker_cache import entries, in_use, max_bytes, prune
+
+MB = 1_000_000
+
+
+def _entry(cache: Path, area: str, name: str, mb: int, used: float | None = None) -> Path:
+    """A folder entry of ``mb`` MB (two files), last used at ``used`` (its own mtime when it
+    has no lock file yet, as an entry made before the cache was managed)."""
+    path = cache / area / name
+    (path / "sub").mkdir(parents=True)
+    (path / "a.bin").write_bytes(b"\0" * (mb * MB // 2))
+    (path / "sub" / "b.bin").write_bytes(b"\0" * (mb * MB - mb * MB // 2))
+    if used is not None:
+        os.utime(path, (used, used))
+    return path
+
+
+def _names(cache: Path) -> list[str]:
+    return sorted(f"{e.area}/{e.name}" for e in entries(cache))
+
+
+def test_prune_evicts_least_recently_used_first_until_under_budget(tmp_path):
+    cache = tmp_path / "cache"
+    now = time.time()
+    _entry(cache, "tfrecords", "aaaa", 3, now - 400)
+    _entry(cache, "models", "bbbb", 2, now - 300)
+    _entry(cache, "presets", "cccc", 1, now - 200)
+    _entry(cache, "training", "dddd", 4, now - 100)  # a failed run's scratch
+    assert [e.name for e in entries(cache)] == ["aaaa", "bbbb", "cccc", "dddd"]
+    assert [e.size for e in entries(cache)] == [3 * MB, 2 * MB, MB, 4 * MB]
+
+    result = prune(cache, 6 * MB)  # 10 MB: the two oldest go (5 MB), 5 MB is within 6
+    assert [e.name for e in result.evicted] == ["aaaa", "bbbb"]
+    assert (result.before, result.after) == (10 * MB, 5 * MB)
+    assert _names(cache) == ["presets/cccc", "training/dddd"]
+    assert not (cache / "tfrecords" / "aaaa").exists()
+    assert prune(cache, 6 * MB).evicted == []  # within budget: nothing to do
+    assert [e.name for e in prune(cache, 0).evicted] == ["cccc", "dddd"]
+
+
+def test_in_use_marks_entries_used_so_the_oldest_use_goes_first(tmp_path):
+    cache = tmp_path / "cache"
+    old = time.time() - 1000
+    _entry(cache, "tfrecords", "recs1", 2, old - 10)
+    _entry(cache, "tfrecords", "recs2", 2, old)
+    with in_use(cache, ("tfrecords", "recs1"), budget=10 * MB):
+        pass  # recs1 is now the most recently used, though its files are older
+    lock = cache / ".locks" / "tfrecords" / "recs1.lock"
+    assert lock.is_file() and lock.stat().st_mtime > old + 900
+    assert [e.name for e in entries(cache)] == ["recs2", "recs1"]
+    assert [e.name for e in prune(cache, 3 * MB).evicted] == ["recs2"]
+
+
+def test_entries_in_use_are_never_evicted_and_are_reported(tmp_path, caplog):
+    cache = tmp_path / "cache"
+    now = time.time()
+    _entry(cache, "models", "inuse", 5, now - 500)
+    _entry(cache, "models", "old", 1, now - 400)
+    _entry(cache, "tfrecords", "new", 1, now - 300)
+    caplog.set_level("INFO", logger="petdet_tasks.worker_cache")
+    # entering in_use trims the rest of the cache to the budget, its own entries kept
+    with in_use(cache, ("models", "inuse"), ("tfrecords", "staging"), budget=0):
+        assert _names(cache) == ["models/inuse"]
+        assert (cache / "models" / "inuse" / "a.bin").is_file()
+        # another prune meanwhile (another step on this worker) keeps it and says so
+        result = prune(cache, 0)
+        assert result.evicted == [] and [e.name for e in result.in_use] == ["inuse"]
+        assert "in use and kept: models/inuse" in result.summary()
+    assert "evicting 2 entries" in caplog.text and "models/old, tfrecords/new" in caplog.text
+    assert [e.name for e in prune(cache, 0).evicted] == ["inuse"]  # released
+
+
+_HOLDER = """
+import sys
+from pathlib import Path
+from petdet_tasks.worker_cache import in_use
+with in_use(Path(sys.argv[1]), ("models", "held"), budget=10**12):
+    print("holding", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_an_entry_another_process_uses_is_kept_until_it_stops(tmp_path):
+    cache = tmp_path / "cache"
+    _entry(cache, "models", "held", 2)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(cache)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        result = prune(cache, 0)
+        assert result.evicted == [] and [e.name for e in result.in_use] == ["held"]
+        assert (cache / "models" / "held").is_dir()
+        holder.kill()  # a worker killed mid-step: the kernel releases its lock
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    assert [e.name for e in prune(cache, 0).evicted] == ["held"]
+
+
+def test_only_the_cache_areas_entries_are_evicted(tmp_path):
+    cache = tmp_path / "cache"
+    _entry(cache, "tfrecords", "abcd", 1)
+    (cache / "downloads").mkdir()
+    archive = cache / "downloads" / "0123456789abcdef-images.tar.gz"
+    archive.write_bytes(b"\0" * MB)  # kept by the download step (keep_archives)
+    (cache / "tfrecords" / ".tmp-download").write_bytes(b"\0" * MB)  # not an entry name
+    (cache / "elsewhere").mkdir()
+    (cache / "elsewhere" / "file").write_bytes(b"\0" * MB)
+    assert _names(cache) == ["tfrecords/abcd"]
+    prune(cache, 0)
+    assert archive.is_file() and (cache / "tfrecords" / ".tmp-download").is_file()
+    assert (cache / "elsewhere" / "file").is_file() and _names(cache) == []
+    with pytest.raises(ValueError, match="unknown cache area 'downloads'"):
+        with in_use(cache, ("downloads", "x"), budget=0):
+            pass
+    with pytest.raises(ValueError, match="invalid cache entry name '../x'"):
+        with in_use(cache, ("models", "../x"), budget=0):
+            pass
+
+
+def test_the_budget_comes_from_the_environment(monkeypatch):
+    assert max_bytes({}) == 50 * 10**9
+    assert max_bytes({worker_cache.ENV: "1.5"}) == 1_500_000_000
+    assert max_bytes({worker_cache.ENV: " 0 "}) == 0
+    for bad in ("ten", "-1", "inf", "nan"):
+        with pytest.raises(ConfigError, match=f"PETDET_CACHE_MAX_GB={bad!r}: expected"):
+            max_bytes({worker_cache.ENV: bad})
+    monkeypatch.setenv(worker_cache.ENV, "0.000002")
+    assert max_bytes() == 2000
