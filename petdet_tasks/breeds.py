@@ -26,12 +26,18 @@ BREEDS: tuple[str, ...] = tuple(
 
 CAT, DOG = 1, 2
 
+# looked up per list line by the TFRecord step's serial plan: built once, not searched
+_CLASS_IDS = {b: i for i, b in enumerate(BREEDS, 1)}
+_BREED_IDS = {b: i for group in ([b for b in BREEDS if b[0].isupper()],       # cats
+                                  [b for b in BREEDS if not b[0].isupper()])  # dogs
+              for i, b in enumerate(group, 1)}
+
 
 def class_id(breed: str) -> int:
     """1-based CLASS-ID of a breed name (exact spelling, as in the file names)."""
     try:
-        return BREEDS.index(breed) + 1
-    except ValueError:
+        return _CLASS_IDS[breed]
+    except (KeyError, TypeError):
         raise KeyError(
             f"unknown breed {breed!r}: expected one of the 37 Oxford-IIIT breeds"
         ) from None
@@ -45,9 +51,8 @@ def species(breed: str) -> int:
 
 def breed_id(breed: str) -> int:
     """BREED-ID: position of the breed among its species' breeds, 1-based."""
-    sp = species(breed)
-    same = [b for b in BREEDS if species(b) == sp]
-    return same.index(breed) + 1
+    class_id(breed)
+    return _BREED_IDS[breed]
 
 
 def breed_of(image_name: str) -> str:
