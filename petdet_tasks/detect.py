@@ -129,6 +129,7 @@ from petdet_tasks.layout import (
     step_prefix,
 )
 from petdet_tasks.manifest import (
+    PlanMismatch,
     StepResult,
     StepWriter,
     load_output,
@@ -593,8 +594,8 @@ def load_plan(store: Store, fp: str, *, force: bool = False) -> DetectPlan:
     items = [Item(*it) for it in doc["items"]]
     if (listing_digest(items) != doc["inputs"].get("images")
             or fingerprint(STEP, SCHEMA_VERSION, doc["inputs"], doc["config"]) != fp):
-        raise StoreError(f"{store.uri(prefix + PLAN)} does not describe {uri}: "
-                         "run the plan task again")
+        raise PlanMismatch(f"{store.uri(prefix + PLAN)} does not describe {uri}: "
+                           "run the plan task again")
     return DetectPlan(uri, fp, prefix, cache_hit, doc["model_uri"], doc["model_fingerprint"],
                       items, [int(u) for u in doc["units"]], doc["images"], doc["config"],
                       doc["inputs"], force, doc["not_images"], int(doc["page_size"]))

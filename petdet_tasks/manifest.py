@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from petdet_tasks import __version__
-from petdet_tasks.errors import ConfigError
+from petdet_tasks.errors import ConfigError, PermanentError
 from petdet_tasks.layout import (
     PLAN,
     canonical_json,
@@ -64,6 +64,11 @@ DEFAULT_WAIT_TIMEOUT_S = 6 * 3600.0
 
 class LeaseLost(StoreError):
     """Another writer took this prefix's lease while we were writing; nothing was committed."""
+
+
+class PlanMismatch(PermanentError, StoreError):
+    """A recorded plan (``_plan.json``) that does not describe the prefix it is under: a retry
+    reads the same record, so only running the plan task again mends it."""
 
 
 

@@ -57,6 +57,7 @@ from petdet_tasks.images import CHECK_MODES, check_image
 from petdet_tasks.label_map import LabelMap, load_label_map, pets_label_map
 from petdet_tasks.layout import PLAN, decode_list_file, fingerprint, step_prefix
 from petdet_tasks.manifest import (
+    PlanMismatch,
     StepResult,
     StepWriter,
     load_output,
@@ -435,8 +436,8 @@ def load_plan(store: Store, fp: str, *, force: bool = False) -> Plan:
         return Plan(fp, uri, prefix, True, units, [], {}, manifest["config"],
                     manifest["inputs"], {})
     if fingerprint(STEP, SCHEMA_VERSION, doc["inputs"], doc["config"]) != fp:
-        raise StoreError(f"{store.uri(prefix + PLAN)} does not describe {uri}: run the "
-                         "plan task again")
+        raise PlanMismatch(f"{store.uri(prefix + PLAN)} does not describe {uri}: run the "
+                           "plan task again")
     return Plan(fp, uri, prefix, cache_hit, [(s, int(i)) for s, i in doc["units"]],
                 [Example(*e) for e in doc["examples"]], doc["skipped"], doc["config"],
                 doc["inputs"], doc["noted"])

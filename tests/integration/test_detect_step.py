@@ -802,5 +802,6 @@ def test_shard_tasks_and_gather_run_the_recorded_listing_not_a_new_one(setup, tm
     # a recorded plan that does not describe its prefix is refused
     other = plan(store, model_uri, store.uri(inbox), cfg)
     store.put_bytes(p.prefix + PLAN_FILE, store.get_bytes(save_plan(store, other))[0])
-    with pytest.raises(StoreError, match="does not describe"):
+    with pytest.raises(StoreError, match="does not describe") as mismatch:
         load_plan(store, p.fingerprint, force=True)
+    assert isinstance(mismatch.value, PermanentError), "a retry reads the same record"

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from petdet_tasks.download import DownloadConfig, download
-from petdet_tasks.errors import ConfigError
+from petdet_tasks.errors import ConfigError, PermanentError
 from petdet_tasks.label_map import parse_label_map
 from petdet_tasks.layout import step_prefix
 from petdet_tasks.manifest import load_output, read_manifest
@@ -508,6 +508,13 @@ def test_shard_tasks_and_gather_run_the_recorded_plan_not_a_new_one(store, datas
     assert plan(store, uri, cfg).fingerprint != p.fingerprint
 
     assert load_plan(store, p.fingerprint) == p
+    # a recorded plan that does not describe its prefix is refused, and not retried
+    doc = json.loads(store.get_bytes(p.prefix + PLAN_FILE)[0])
+    store.put_bytes(p.prefix + PLAN_FILE, json.dumps(
+        {**doc, "config": {**doc["config"], "val_fraction": 0.5}}).encode())
+    with pytest.raises(PermanentError, match="does not describe"):
+        load_plan(store, p.fingerprint)
+    save_plan(store, p)
     write_shards(store, load_plan(store, p.fingerprint), p.units[::2], cfg)
     write_shards(store, load_plan(store, p.fingerprint), p.units[1::2], cfg)
     result = gather(store, load_plan(store, p.fingerprint), cfg)
