@@ -176,8 +176,10 @@ class NoProductionModel(PermanentError, LookupError):
 
 class NoImagesToDetect(PermanentError, FileNotFoundError):
     """The default input, the test split of the model's dataset, holds no image (or no list of
-    them). That dataset output is content-addressed and immutable, so a retry would find the
-    same nothing: not retried (pass the images to detect on)."""
+    them), or the model does not lead to that dataset (its ``pipeline.json`` names no records,
+    or its records output is not in this store). Those outputs are content-addressed and
+    immutable, so a retry would find the same nothing: not retried (pass the images to detect
+    on)."""
 
 
 class InputChanged(PermanentError, StoreError):
@@ -377,16 +379,18 @@ def _list_test_split(store: Store, model: StepResult) -> tuple[list[tuple], str]
     pipeline = json.loads(store.read_text(model_prefix + "pipeline.json"))
     records_uri = pipeline.get("tfrecords_uri")
     if not records_uri:
-        raise ValueError(f"{model.uri}/pipeline.json names no tfrecords output: cannot find "
-                         "the dataset it was trained on; pass the images to detect on")
+        raise NoImagesToDetect(f"{model.uri}/pipeline.json names no tfrecords output: cannot "
+                               "find the dataset it was trained on; pass the images to detect "
+                               "on")
     _, _, records_fp = split_output_uri(records_uri)  # the same output under this store's root
     records = read_manifest(store, step_prefix("tfrecords", records_fp))
     if records is None:
-        raise StoreError(f"the model's tfrecords output tfrecords/{records_fp} is not in "
-                         f"{store.uri()}: pass the images to detect on")
+        raise NoImagesToDetect(f"the model's tfrecords output tfrecords/{records_fp} is not "
+                               f"in {store.uri()}: pass the images to detect on")
     dataset_fp = records.get("inputs", {}).get("dataset")
     if not dataset_fp:
-        raise ValueError(f"tfrecords/{records_fp} records no dataset input")
+        raise NoImagesToDetect(f"tfrecords/{records_fp} records no dataset input: cannot find "
+                               "the test split; pass the images to detect on")
     base = step_prefix("download", dataset_fp)
     dataset = read_manifest(store, base)
     if dataset is None:

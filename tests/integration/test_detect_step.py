@@ -42,7 +42,7 @@ from petdet_tasks.layout import PLAN as PLAN_FILE
 from petdet_tasks.layout import step_prefix
 from petdet_tasks.manifest import load_output
 from petdet_tasks.registry import promote
-from petdet_tasks.store import LocalStore, S3Store, Store
+from petdet_tasks.store import LocalStore, S3Store, Store, StoreError
 from tests.support.pipeline import build_trained
 
 pytestmark = pytest.mark.slow
@@ -172,6 +172,37 @@ def test_resolve_model_needs_a_production_model_or_a_uri(setup, tmp_path):
         {**pointer, "model_uri": f"s3://old-bucket/petdet/models/{fp}"}).encode())
     assert resolve_model(store, None) == model_uri
     assert issubclass(NoProductionModel, PermanentError)  # not retried: promote one first
+
+
+def test_a_model_that_does_not_lead_to_its_test_split_is_not_retried(tmp_path):
+    """The default input is found through the model's pipeline.json, its records and their
+    dataset, all immutable outputs: a link missing is permanent (pass the images instead),
+    except the dataset itself, which a forced download may be rebuilding."""
+    from types import SimpleNamespace
+
+    from petdet_tasks.detect import NoImagesToDetect, _list_test_split
+
+    store = LocalStore(tmp_path / "store")
+    fp, records_fp, dataset_fp = "0123456789abcdef0123", "abcdef0123456789abcd", "a" * 20
+    model = SimpleNamespace(fingerprint=fp, uri=store.uri(f"models/{fp}"))
+
+    def pipeline(doc):
+        store.put_bytes(f"models/{fp}/pipeline.json", json.dumps(doc).encode())
+
+    pipeline({"tfrecords_uri": None})
+    with pytest.raises(NoImagesToDetect, match="names no tfrecords output"):
+        _list_test_split(store, model)
+    pipeline({"tfrecords_uri": f"s3://elsewhere/root/tfrecords/{records_fp}"})
+    with pytest.raises(NoImagesToDetect, match=f"tfrecords/{records_fp} is not in"):
+        _list_test_split(store, model)
+    store.put_bytes(f"tfrecords/{records_fp}/_MANIFEST.json", b'{"inputs": {}}')
+    with pytest.raises(NoImagesToDetect, match="records no dataset input"):
+        _list_test_split(store, model)
+    store.put_bytes(f"tfrecords/{records_fp}/_MANIFEST.json",
+                    json.dumps({"inputs": {"dataset": dataset_fp}}).encode())
+    with pytest.raises(StoreError, match="incomplete or absent") as absent:
+        _list_test_split(store, model)
+    assert not isinstance(absent.value, PermanentError)
 
 
 def test_test_split_records_match_the_served_model(setup, served):
