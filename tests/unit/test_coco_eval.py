@@ -448,3 +448,132 @@ def test_format_table(three_images):
     assert bengal.split()[1:3] == ["3", "2"]
     widths = {len(line) for line in table.splitlines()[6:]}
     assert len(widths) == 1  # fixed width class rows
+
+
+# ----------------------------------------------------------------- one class at a time
+
+
+def _all_classes_at_once(groundtruth, detections, classes, max_detections=100):
+    """The reference: one pycocotools COCOeval over every class (how coco_metrics scored
+    before it went class by class), from the same pixel boxes."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    ids = {g["image_id"]: n for n, g in enumerate(groundtruth, 1)}
+    sizes = {g["image_id"]: (g["width"], g["height"]) for g in groundtruth}
+
+    def pixels(b, key):
+        w, h = sizes[key]
+        ymin, xmin, ymax, xmax = np.clip(np.asarray(b, dtype=np.float64), 0, 1)
+        return [xmin * w, ymin * h, (xmax - xmin) * w, (ymax - ymin) * h]
+
+    gts, dts = [], []
+    for g in groundtruth:
+        for b, label in zip(g["boxes"], g["labels"], strict=True):
+            box = pixels(b, g["image_id"])
+            gts.append({"id": len(gts) + 1, "image_id": ids[g["image_id"]],
+                        "category_id": int(label), "bbox": box, "area": box[2] * box[3],
+                        "iscrowd": 0})
+    for d in detections:
+        order = np.argsort(-np.asarray(d["scores"]), kind="stable")[:max_detections]
+        for i in order:
+            box = pixels(d["boxes"][i], d["image_id"])
+            dts.append({"id": len(dts) + 1, "image_id": ids[d["image_id"]],
+                        "category_id": int(d["classes"][i]), "bbox": box,
+                        "area": box[2] * box[3], "score": float(d["scores"][i]), "iscrowd": 0})
+    images = [{"id": n, "width": sizes[k][0], "height": sizes[k][1]} for k, n in ids.items()]
+    cats = [{"id": c, "name": n} for c, n in sorted(classes.items())]
+    with contextlib.redirect_stdout(io.StringIO()):
+        cocos = []
+        for anns in (gts, dts):
+            coco = COCO()
+            coco.dataset = {"images": images, "categories": cats, "annotations": anns}
+            coco.createIndex()
+            cocos.append(coco)
+        ev = COCOeval(*cocos, iouType="bbox")
+        ev.params.imgIds = list(ids.values())
+        ev.params.catIds = sorted(classes)
+        ev.params.maxDets = [1, 10, max_detections]
+        ev.evaluate()
+        ev.accumulate()
+    return ev.eval["precision"], ev.eval["recall"]
+
+
+def _random_case(rng, n_images, n_classes, per_image):
+    """Ground truth and detections of many classes: some detections near a true box (of its
+    class or another), the rest anywhere, tied scores included."""
+    groundtruth, detections = [], []
+    for i in range(n_images):
+        key = f"img-{i}"
+        w, h = int(rng.integers(50, 600)), int(rng.integers(50, 600))
+        n_gt = int(rng.integers(0, 4))
+        boxes = []
+        for _ in range(n_gt):
+            y0, x0 = rng.uniform(0, 0.8, 2)
+            boxes.append([y0, x0, y0 + rng.uniform(0.02, 1 - y0), x0 + rng.uniform(0.02, 1 - x0)])
+        labels = rng.integers(1, n_classes + 1, n_gt).tolist()
+        groundtruth.append({"image_id": key, "width": w, "height": h, "boxes": boxes,
+                            "labels": labels})
+        if i % 7 == 3:
+            continue  # an image without detections
+        d_boxes, d_classes = [], []
+        for j in range(per_image):
+            if boxes and j < 2 * len(boxes):
+                b = np.clip(np.asarray(boxes[j % len(boxes)]) + rng.normal(0, 0.03, 4), 0, 1)
+                b = [min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3])]
+                d_classes.append(labels[j % len(boxes)] if j % 3 else
+                                 int(rng.integers(1, n_classes + 1)))
+            else:
+                y0, x0 = rng.uniform(0, 0.9, 2)
+                b = [y0, x0, y0 + rng.uniform(0, 1 - y0), x0 + rng.uniform(0, 1 - x0)]
+                d_classes.append(int(rng.integers(1, n_classes + 1)))
+            d_boxes.append(list(b))
+        scores = np.round(rng.uniform(0, 1, per_image), 2).tolist()  # ties on purpose
+        detections.append({"image_id": key, "boxes": d_boxes, "scores": scores,
+                           "classes": d_classes})
+    return groundtruth, detections
+
+
+@pytest.mark.parametrize("seed, max_detections", [(0, 100), (1, 100), (2, 5)])
+def test_class_by_class_scores_exactly_as_one_run_over_every_class(seed, max_detections):
+    """coco_metrics runs one COCOeval per class (memory: benchmarks/evaluate.py); the precision
+    and recall of every class must be those of one run over all of them."""
+    rng = np.random.default_rng(seed)
+    n_classes = 37
+    classes = {c: f"class{c}" for c in range(1, n_classes + 1)}
+    classes[40] = "never_seen"  # a class with neither ground truth nor detections
+    groundtruth, detections = _random_case(rng, 60, n_classes, per_image=12)
+    precision, recall = _all_classes_at_once(groundtruth, detections, classes, max_detections)
+    got = coco_metrics(groundtruth, detections, classes, max_detections=max_detections)
+
+    def mean(a):
+        a = a[a > -1]
+        return float(np.mean(a)) if a.size else None
+
+    t50 = 0
+    expected = {"mAP": mean(precision[:, :, :, 0, 2]), "mAP@.5": mean(precision[t50, :, :, 0, 2]),
+                "mAP@.75": mean(precision[5, :, :, 0, 2]),
+                "mAP_small": mean(precision[:, :, :, 1, 2]),
+                "mAP_medium": mean(precision[:, :, :, 2, 2]),
+                "mAP_large": mean(precision[:, :, :, 3, 2]),
+                "recall@1": mean(recall[:, :, 0, 0]), "recall@10": mean(recall[:, :, 0, 1]),
+                "recall@100": mean(recall[:, :, 0, 2])}
+    assert {k: got[k] for k in expected} == expected
+    assert expected["mAP"] is not None and 0 < expected["mAP"] < 1  # a case with something to rank
+    for k, (class_id, name) in enumerate(sorted(classes.items())):
+        row = got["per_class"][name]
+        assert row["AP"] == mean(precision[:, :, k, 0, 2]), name
+        assert row["AP@.5"] == mean(precision[t50, :, k, 0, 2]), name
+    assert got["per_class"]["never_seen"]["AP"] is None
+    assert got["detections"] == sum(min(len(d["scores"]), max_detections) for d in detections)
+    assert_clean(got)
+
+
+def test_an_empty_label_map_is_refused():
+    from petdet_tasks.coco_eval import EvalInputError
+
+    with pytest.raises(EvalInputError, match="no class to evaluate"):
+        coco_metrics([gt("img-a")], [], {})
