@@ -37,6 +37,7 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -141,7 +142,8 @@ def read_examples(paths):
 
 def _evaluate_body(store: Store, writer: StepWriter, model: StepResult, records: StepResult,
                    cfg: EvalConfig, cache: Path) -> dict:
-    from petdet_tasks.coco_eval import coco_metrics, format_table
+    import numpy as np
+
     from petdet_tasks.export import SIGNATURE_ENCODED, call_signature, load_exported
     from petdet_tasks.train_input import load_records_label_map, stage_shards
 
@@ -152,37 +154,55 @@ def _evaluate_body(store: Store, writer: StepWriter, model: StepResult, records:
     import tensorflow as tf
 
     served = tf.saved_model.load(str(saved_model_dir))
-    groundtruth, detections, lines = [], [], []
+    groundtruth, detections = [], []
     analysis = _Analysis(classes)
     started = time.monotonic()
+    # what the model returned, a line per image, streamed to a file: with up to 100 boxes an
+    # image, held as JSON (and the detections as Python lists) it took ~30 KB an image
+    lines = tempfile.NamedTemporaryFile(  # closed and removed below
+        "w", encoding="utf-8", prefix="petdet-detections-", suffix=".jsonl", delete=False)
 
     def flush(batch):
         out = call_signature(served, SIGNATURE_ENCODED, [b[1] for b in batch])
         for i, (key, _, w, h, boxes, ids) in enumerate(batch):
             n = int(out["num_detections"][i])
-            det = {"image_id": key, "boxes": out["detection_boxes"][i, :n].tolist(),
-                   "scores": out["detection_scores"][i, :n].tolist(),
-                   "classes": [int(c) for c in out["detection_classes"][i, :n]]}
+            det = {"image_id": key, "boxes": np.array(out["detection_boxes"][i, :n]),
+                   "scores": np.array(out["detection_scores"][i, :n]),
+                   "classes": out["detection_classes"][i, :n].astype(np.int64)}
             gt = {"image_id": key, "width": w, "height": h, "boxes": boxes.tolist(),
                   "labels": [int(c) for c in ids]}
             groundtruth.append(gt)
             detections.append(det)
-            lines.append(json.dumps({"image": key, "width": w, "height": h,
-                                     "groundtruth": {"boxes": gt["boxes"],
-                                                     "classes": gt["labels"]},
-                                     "detections": {k: det[k] for k in
-                                                    ("boxes", "scores", "classes")},
-                                     "outcome": analysis.add(gt, det)},
-                                    sort_keys=True))
+            lines.write(json.dumps({"image": key, "width": w, "height": h,
+                                    "groundtruth": {"boxes": gt["boxes"],
+                                                    "classes": gt["labels"]},
+                                    "detections": {k: det[k].tolist() for k in
+                                                   ("boxes", "scores", "classes")},
+                                    "outcome": analysis.add(gt, det)},
+                                   sort_keys=True) + "\n")
 
-    batch = []
-    for example in read_examples(paths):
-        batch.append(example)
-        if len(batch) == cfg.batch_size:
+    try:
+        batch = []
+        for example in read_examples(paths):
+            batch.append(example)
+            if len(batch) == cfg.batch_size:
+                flush(batch)
+                batch = []
+        if batch:
             flush(batch)
-            batch = []
-    if batch:
-        flush(batch)
+        lines.close()
+        return _score_and_write(writer, model, records, cfg, groundtruth, detections,
+                                analysis, cannot_detect, classes, started, Path(lines.name))
+    finally:
+        lines.close()
+        os.unlink(lines.name)
+
+
+def _score_and_write(writer: StepWriter, model: StepResult, records: StepResult,
+                     cfg: EvalConfig, groundtruth: list, detections: list, analysis,
+                     cannot_detect: list, classes: dict, started: float, lines: Path) -> dict:
+    from petdet_tasks.coco_eval import coco_metrics, format_table
+    from petdet_tasks.export import SIGNATURE_ENCODED
     if not groundtruth:  # committed records never change: a retry would find none again
         raise ConfigError(f"the {cfg.split!r} split of {records.uri} has no images")
     seconds = time.monotonic() - started
@@ -198,7 +218,7 @@ def _evaluate_body(store: Store, writer: StepWriter, model: StepResult, records:
                    "split": cfg.split, "signature": SIGNATURE_ENCODED,
                    "classes_the_model_cannot_detect": cannot_detect, **metrics}
     writer.put_json("metrics.json", metrics_doc)
-    writer.put_bytes("detections.jsonl", ("\n".join(lines) + "\n").encode())
+    writer.put_file("detections.jsonl", lines)
     return {"model_uri": model.uri, "model_fingerprint": model.fingerprint,
             "tfrecords_uri": records.uri, "split": cfg.split, "images": metrics["images"],
             **{k: metrics[k] for k in HEADLINE}}
