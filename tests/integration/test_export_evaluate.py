@@ -299,10 +299,17 @@ def test_compare_detections_is_order_insensitive_and_catches_differences():
         compare_detections(ref, wrong_dtype)
 
 
-def test_evaluation_measures_the_served_model_and_is_cached(trained, exported):
+def test_evaluation_measures_the_served_model_and_is_cached(trained, exported, tmp_path,
+                                                            monkeypatch):
     result, _, labels = exported
     store = trained.store
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
     ev = evaluate(store, result.uri, trained.records.uri, cache_dir=trained.work / "cache")
+    # detections.jsonl is streamed to a temporary file, removed once uploaded (TensorFlow's
+    # autograph leaves files of its own there)
+    assert [p for p in scratch.iterdir() if p.name.startswith("petdet-")] == []
     out = ev.outputs
     val = json.loads(store.read_text(step_prefix("tfrecords", trained.records.fingerprint)
                                      + "data_report.json"))
