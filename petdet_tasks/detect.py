@@ -177,9 +177,8 @@ class NoProductionModel(PermanentError, LookupError):
 class NoImagesToDetect(PermanentError, FileNotFoundError):
     """The default input, the test split of the model's dataset, holds no image (or no list of
     them), or the model does not lead to that dataset (its ``pipeline.json`` names no records,
-    or its records output is not in this store). Those outputs are content-addressed and
-    immutable, so a retry would find the same nothing: not retried (pass the images to detect
-    on)."""
+    or its records name no dataset). Those outputs are content-addressed and immutable, so a
+    retry would find the same nothing: not retried (pass the images to detect on)."""
 
 
 class InputChanged(PermanentError, StoreError):
@@ -384,9 +383,9 @@ def _list_test_split(store: Store, model: StepResult) -> tuple[list[tuple], str]
                                "on")
     _, _, records_fp = split_output_uri(records_uri)  # the same output under this store's root
     records = read_manifest(store, step_prefix("tfrecords", records_fp))
-    if records is None:
-        raise NoImagesToDetect(f"the model's tfrecords output tfrecords/{records_fp} is not "
-                               f"in {store.uri()}: pass the images to detect on")
+    if records is None:  # retried: a forced rebuild of the records removes their manifest first
+        raise StoreError(f"the model's tfrecords output tfrecords/{records_fp} is incomplete "
+                         f"or not in {store.uri()}: pass the images to detect on")
     dataset_fp = records.get("inputs", {}).get("dataset")
     if not dataset_fp:
         raise NoImagesToDetect(f"tfrecords/{records_fp} records no dataset input: cannot find "

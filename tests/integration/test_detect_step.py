@@ -176,8 +176,9 @@ def test_resolve_model_needs_a_production_model_or_a_uri(setup, tmp_path):
 
 def test_a_model_that_does_not_lead_to_its_test_split_is_not_retried(tmp_path):
     """The default input is found through the model's pipeline.json, its records and their
-    dataset, all immutable outputs: a link missing is permanent (pass the images instead),
-    except the dataset itself, which a forced download may be rebuilding."""
+    dataset, all immutable once committed: a link that is not there is permanent (pass the
+    images instead). An output that is not there (yet) is retried: a forced rebuild of the
+    records or the dataset removes its manifest first."""
     from types import SimpleNamespace
 
     from petdet_tasks.detect import NoImagesToDetect, _list_test_split
@@ -193,8 +194,9 @@ def test_a_model_that_does_not_lead_to_its_test_split_is_not_retried(tmp_path):
     with pytest.raises(NoImagesToDetect, match="names no tfrecords output"):
         _list_test_split(store, model)
     pipeline({"tfrecords_uri": f"s3://elsewhere/root/tfrecords/{records_fp}"})
-    with pytest.raises(NoImagesToDetect, match=f"tfrecords/{records_fp} is not in"):
+    with pytest.raises(StoreError, match=f"tfrecords/{records_fp} is incomplete or not in") as e:
         _list_test_split(store, model)
+    assert not isinstance(e.value, PermanentError)
     store.put_bytes(f"tfrecords/{records_fp}/_MANIFEST.json", b'{"inputs": {}}')
     with pytest.raises(NoImagesToDetect, match="records no dataset input"):
         _list_test_split(store, model)
@@ -215,9 +217,12 @@ def test_test_split_records_match_the_served_model(setup, served):
             metrics={"mAP": 0.01})
     model, labels = served
     cfg = DetectConfig(score_threshold=LOW, max_boxes=5, num_shards=3, batch_size=4)
+    lock = work / "cache" / ".locks" / "models" / f"{fp}.lock"
+    assert not lock.exists()
     result = run_detect(store, None, None, cfg, cache_dir=work / "cache")
     assert not result.cache_hit
     assert result.outputs["model_uri"] == model_uri
+    assert lock.is_file(), "the model was held in the worker cache while the shards ran"
 
     dataset = next(store.path.glob("datasets/*"))
     test_names = [line.split()[0] for line in
