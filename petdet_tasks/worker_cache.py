@@ -4,7 +4,8 @@ in use.
 Steps copy what they read from the store to the worker's disk (:func:`layout.cache_root`):
 staged TFRecord shards (``tfrecords/<fp>/``), exported models (``models/<fp>/``), presets
 synced from the store (``presets/<hash>/``), and their own scratch (``training/<fp>/``,
-``export/<fp>/``: removed when the step succeeds, left behind by one that failed). A worker
+``export/<fp>/``, ``evaluate/<fp>/``: removed when the step ends, left behind by one that was
+killed or failed). A worker
 that retrains every week gains a new records copy and a new model each time; unbounded, the
 cache fills its disk. The store holds the truth, so any entry can be evicted: the next step
 that needs it copies it again.
@@ -40,7 +41,7 @@ from petdet_tasks.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-AREAS = ("tfrecords", "models", "presets", "training", "export")
+AREAS = ("tfrecords", "models", "presets", "training", "export", "evaluate")
 LOCKS = ".locks"
 DEFAULT_MAX_GB = 50.0
 ENV = "PETDET_CACHE_MAX_GB"
@@ -73,6 +74,16 @@ def _lock_path(cache: Path, area: str, name: str) -> Path:
     return cache / LOCKS / area / f"{name}.lock"
 
 
+def _open_lock(path: Path) -> int:
+    """A descriptor of an entry's lock file, created if need be (read-only when another user
+    made it: ``flock`` works on any descriptor)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY)
+
+
 def _size(path: Path) -> int:
     """Bytes under ``path`` (a file or a folder; links not followed; vanished files skipped)."""
     try:
@@ -96,6 +107,7 @@ class Entry:
     path: Path
     size: int
     last_used: float  # epoch seconds: its lock file's mtime (set by in_use), else its own
+    lock_mtime: float | None = None  # its lock file's mtime when listed (None: no lock file)
 
 
 @dataclass
@@ -131,10 +143,14 @@ def entries(cache: Path) -> list[Entry]:
                 continue  # not an entry this module names (e.g. a temporary download)
             lock = _lock_path(cache, area, child.name)
             try:
-                used = lock.stat().st_mtime
+                used = lock_mtime = lock.stat().st_mtime
             except FileNotFoundError:
-                used = child.lstat().st_mtime  # made before the cache was managed
-            out.append(Entry(area, child.name, child, _size(child), used))
+                lock_mtime = None
+                try:
+                    used = child.lstat().st_mtime  # made before the cache was managed
+                except FileNotFoundError:
+                    continue  # evicted by another process meanwhile
+            out.append(Entry(area, child.name, child, _size(child), used, lock_mtime))
     out.sort(key=lambda e: (e.last_used, e.area, e.name))
     return out
 
@@ -142,9 +158,7 @@ def entries(cache: Path) -> list[Entry]:
 @contextlib.contextmanager
 def _exclusive(cache: Path, area: str, name: str) -> Iterator[bool]:
     """An exclusive lock on the entry, without waiting: True if taken (nobody uses it)."""
-    path = _lock_path(cache, area, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock(_lock_path(cache, area, name))
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -169,6 +183,9 @@ def prune(cache: Path, budget: int) -> Pruned:
             if not free:
                 result.in_use.append(e)
                 continue
+            if e.lock_mtime is not None and \
+                    _lock_path(cache, e.area, e.name).stat().st_mtime != e.lock_mtime:
+                continue  # used since the listing (staged again, say): not the oldest now
             if e.path.is_dir() and not e.path.is_symlink():
                 shutil.rmtree(e.path, ignore_errors=True)
             else:
@@ -191,20 +208,24 @@ def in_use(cache: Path, *used: tuple[str, str], budget: int | None = None) -> It
     for area, name in used:
         _check(area, name)
     fds: list[int] = []
-    locks = [_lock_path(cache, area, name) for area, name in used]
     try:
-        for lock in locks:
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        for area, name in used:
+            fd = _open_lock(_lock_path(cache, area, name))
             fds.append(fd)
             fcntl.flock(fd, fcntl.LOCK_SH)  # waits only for a prune evicting it right now
-            os.utime(fd)
+            with contextlib.suppress(OSError):  # another user's lock file: not ours to touch
+                os.utime(fd)
         started = time.monotonic()
-        result = prune(cache, budget)
-        if result.evicted or result.in_use:
-            log.info("worker cache %s over its budget of %.2f GB (%s; %s): %s [%.2fs]", cache,
-                     budget / 1e9, f"{result.before / 1e9:.2f} GB", ENV, result.summary(),
-                     time.monotonic() - started)
+        try:
+            result = prune(cache, budget)
+        except OSError as e:  # trimming is housekeeping: it never fails the step
+            log.warning("worker cache %s: could not trim it to %.2f GB: %s", cache,
+                        budget / 1e9, e)
+        else:
+            if result.evicted or result.in_use:
+                log.info("worker cache %s over its budget of %.2f GB (%.2f GB; %s): %s [%.2fs]",
+                         cache, budget / 1e9, result.before / 1e9, ENV, result.summary(),
+                         time.monotonic() - started)
         yield
     finally:
         for fd in fds:

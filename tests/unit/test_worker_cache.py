@@ -143,3 +143,36 @@ def test_the_budget_comes_from_the_environment(monkeypatch):
             max_bytes({worker_cache.ENV: bad})
     monkeypatch.setenv(worker_cache.ENV, "0.000002")
     assert max_bytes() == 2000
+
+
+def test_an_entry_used_after_the_listing_is_not_evicted(tmp_path, monkeypatch):
+    """Another process may stage and use an entry between a prune's listing and its eviction:
+    it is no longer the least recently used, so it stays."""
+    cache = tmp_path / "cache"
+    now = time.time()
+    _entry(cache, "tfrecords", "busy", 1, now - 100)
+    _entry(cache, "tfrecords", "idle", 1, now - 50)
+    for name in ("busy", "idle"):
+        with in_use(cache, ("tfrecords", name), budget=10 * MB):
+            pass
+        lock = cache / ".locks" / "tfrecords" / f"{name}.lock"
+        os.utime(lock, (now - 100 if name == "busy" else now - 50,) * 2)
+    listed = entries(cache)
+    assert [e.name for e in listed] == ["busy", "idle"]
+    with in_use(cache, ("tfrecords", "busy"), budget=10 * MB):
+        pass  # used again after the listing below was taken
+    monkeypatch.setattr(worker_cache, "entries", lambda _cache: listed)
+    assert [e.name for e in prune(cache, 0).evicted] == ["idle"]
+    assert (cache / "tfrecords" / "busy").is_dir()
+
+
+def test_trimming_never_fails_the_step(tmp_path, monkeypatch, caplog):
+    cache = tmp_path / "cache"
+
+    def broken(*_args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(worker_cache, "prune", broken)
+    with in_use(cache, ("models", "m1"), budget=0):
+        ran = True
+    assert ran and "could not trim it to 0.00 GB" in caplog.text
