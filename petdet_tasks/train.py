@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 from petdet_tasks import worker_cache
@@ -156,12 +155,18 @@ def _check_preset_name(preset: str) -> None:
             "local directory, a store prefix or a kaggle:// / hf:// handle")
 
 
-def resolve_preset(store: Store, preset: str, cache: Path, hold: ExitStack | None = None
-                   ) -> str:
-    """A local directory (a store prefix is synced to the cache first) or the name/handle.
+def synced_preset_name(store: Store, preset: str) -> str | None:
+    """The worker-cache entry (``presets/<name>``) that :func:`resolve_preset` syncs a store
+    prefix to; None for a local directory or a keras-hub name or handle."""
+    preset = _in_store(store, preset)
+    if Path(preset).expanduser().is_dir():
+        return None
+    rel = _store_prefix(store, preset)
+    return None if rel is None else hashlib.sha256(store.uri(rel).encode()).hexdigest()[:16]
 
-    ``hold``: where a synced copy is held in use (:func:`worker_cache.in_use`), so that it is
-    not evicted while the caller reads it."""
+
+def resolve_preset(store: Store, preset: str, cache: Path) -> str:
+    """A local directory (a store prefix is synced to the cache first) or the name/handle."""
     preset = _in_store(store, preset)
     if Path(preset).expanduser().is_dir():
         return str(Path(preset).expanduser())
@@ -169,9 +174,7 @@ def resolve_preset(store: Store, preset: str, cache: Path, hold: ExitStack | Non
     if rel is None:
         _check_preset_name(preset)
         return preset  # keras-hub preset name or kaggle:// handle: keras-hub downloads it
-    local = cache / "presets" / hashlib.sha256(store.uri(rel).encode()).hexdigest()[:16]
-    if hold is not None:
-        hold.enter_context(worker_cache.in_use(cache, ("presets", local.name)))
+    local = cache / "presets" / synced_preset_name(store, preset)
     for obj in store.list(rel):
         dest = local / obj.key[len(rel):]
         if not (dest.exists() and dest.stat().st_size == obj.size):
@@ -521,12 +524,14 @@ def train(store: Store, tfrecords_uri: str, cfg: TrainConfig, *, cache_dir=None,
     cache = cache_root(cache_dir)
 
     def body(writer: StepWriter) -> dict:
-        # its scratch and staged records are held in the worker cache while it trains (no
-        # other step on this worker evicts them), and the scratch goes once the outputs are up
-        with ExitStack() as hold:
-            hold.enter_context(worker_cache.in_use(
-                cache, ("training", fp), ("tfrecords", records.fingerprint)))
-            out = _train_body(store, writer, records, cfg, cache, fp, hold)
+        # its scratch, staged records and synced preset are held in the worker cache while it
+        # trains (no step on this worker evicts them), and the scratch goes once uploaded
+        held = [("training", fp), ("tfrecords", records.fingerprint)]
+        preset_name = synced_preset_name(store, cfg.preset)
+        if preset_name is not None:
+            held.append(("presets", preset_name))
+        with worker_cache.in_use(cache, *held):
+            out = _train_body(store, writer, records, cfg, cache, fp)
             shutil.rmtree(cache / "training" / fp, ignore_errors=True)
             return out
 
@@ -537,7 +542,7 @@ def train(store: Store, tfrecords_uri: str, cfg: TrainConfig, *, cache_dir=None,
 
 
 def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: TrainConfig,
-                cache: Path, fp: str, hold: ExitStack | None = None) -> dict:
+                cache: Path, fp: str) -> dict:
     import keras
     import tensorflow as tf
 
@@ -557,7 +562,7 @@ def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: Trai
     shutil.rmtree(work, ignore_errors=True)  # the store holds the truth; local is scratch
     ckpt_dir.mkdir(parents=True)
     keras.utils.set_random_seed(cfg.seed)
-    preset = resolve_preset(store, cfg.preset, cache, hold)  # a wrong one fails before staging
+    preset = resolve_preset(store, cfg.preset, cache)  # a wrong one fails before any staging
 
     strategy, mixed = _strategy_and_precision(cfg)
     replicas = strategy.num_replicas_in_sync
