@@ -37,7 +37,7 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
+import shutil
 import time
 from pathlib import Path
 
@@ -104,10 +104,15 @@ def evaluate(store: Store, model_uri: str, tfrecords_uri: str, cfg: EvalConfig |
     cache = cache_root(cache_dir)
 
     def body(writer: StepWriter) -> dict:
-        # the model and the staged records stay in the worker cache while it reads them
+        # the model, the staged records and its scratch stay in the worker cache while it
+        # reads them; the scratch goes when it ends (a killed attempt's is evicted later)
+        work = cache / "evaluate" / fp
         with worker_cache.in_use(cache, ("models", model.fingerprint),
-                                 ("tfrecords", records.fingerprint)):
-            return _evaluate_body(store, writer, model, records, cfg, cache)
+                                 ("tfrecords", records.fingerprint), ("evaluate", fp)):
+            try:
+                return _evaluate_body(store, writer, model, records, cfg, cache, work)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
 
     return run_step(store, STEP, SCHEMA_VERSION, inputs=inputs, config=cfg.fingerprint_fields(),
                     body=body, force=force, fp=fp, run_id=run_id)
@@ -141,7 +146,7 @@ def read_examples(paths):
 
 
 def _evaluate_body(store: Store, writer: StepWriter, model: StepResult, records: StepResult,
-                   cfg: EvalConfig, cache: Path) -> dict:
+                   cfg: EvalConfig, cache: Path, work: Path) -> dict:
     import numpy as np
 
     from petdet_tasks.export import SIGNATURE_ENCODED, call_signature, load_exported
@@ -159,8 +164,10 @@ def _evaluate_body(store: Store, writer: StepWriter, model: StepResult, records:
     started = time.monotonic()
     # what the model returned, a line per image, streamed to a file: with up to 100 boxes an
     # image, held as JSON (and the detections as Python lists) it took ~30 KB an image
-    lines = tempfile.NamedTemporaryFile(  # closed and removed below
-        "w", encoding="utf-8", prefix="petdet-detections-", suffix=".jsonl", delete=False)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    lines_path = work / "detections.jsonl"
+    lines = lines_path.open("w", encoding="utf-8")
 
     def flush(batch):
         out = call_signature(served, SIGNATURE_ENCODED, [b[1] for b in batch])
@@ -192,10 +199,9 @@ def _evaluate_body(store: Store, writer: StepWriter, model: StepResult, records:
             flush(batch)
         lines.close()
         return _score_and_write(writer, model, records, cfg, groundtruth, detections,
-                                analysis, cannot_detect, classes, started, Path(lines.name))
+                                analysis, cannot_detect, classes, started, lines_path)
     finally:
         lines.close()
-        os.unlink(lines.name)
 
 
 def _score_and_write(writer: StepWriter, model: StepResult, records: StepResult,

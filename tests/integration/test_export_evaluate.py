@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ from petdet_tasks.export import (
     load_exported,
 )
 from petdet_tasks.layout import PRODUCTION_POINTER, step_prefix
-from petdet_tasks.manifest import read_manifest
+from petdet_tasks.manifest import StepWriter, read_manifest
 from petdet_tasks.registry import read_production
 from petdet_tasks.store import LocalStore
 from tests.support.pipeline import build_trained
@@ -92,7 +93,10 @@ def test_export_writes_the_artefacts_and_is_cached(trained, exported):
     assert out["parity_checks"] == 5
     assert out["parity_max_score_diff"] <= export_mod.PARITY_ATOL
     assert out["fixture_detections"] > 0, "the parity check compared real detections"
-    assert not (trained.work / "cache" / "export" / result.fingerprint).exists(), "scratch kept"
+    cache = trained.work / "cache"
+    assert not (cache / "export" / result.fingerprint).exists(), "scratch kept"
+    for area, name in (("export", result.fingerprint), ("tfrecords", trained.records.fingerprint)):
+        assert (cache / ".locks" / area / f"{name}.lock").is_file(), (area, name)
     prefix = step_prefix("export", result.fingerprint)
     pipeline = json.loads(trained.store.read_text(prefix + "pipeline.json"))
     assert pipeline["training_uri"] == trained.training.uri
@@ -299,17 +303,27 @@ def test_compare_detections_is_order_insensitive_and_catches_differences():
         compare_detections(ref, wrong_dtype)
 
 
-def test_evaluation_measures_the_served_model_and_is_cached(trained, exported, tmp_path,
-                                                            monkeypatch):
+def test_evaluation_measures_the_served_model_and_is_cached(trained, exported, monkeypatch):
     result, _, labels = exported
     store = trained.store
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    monkeypatch.setattr("tempfile.tempdir", str(scratch))
-    ev = evaluate(store, result.uri, trained.records.uri, cache_dir=trained.work / "cache")
-    # detections.jsonl is streamed to a temporary file, removed once uploaded (TensorFlow's
-    # autograph leaves files of its own there)
-    assert [p for p in scratch.iterdir() if p.name.startswith("petdet-")] == []
+    cache = trained.work / "cache"
+    streamed = []
+    upload = StepWriter.put_file
+
+    def put_file(self, rel, path):  # detections.jsonl goes up from the step's scratch
+        streamed.append((rel, Path(path), Path(path).is_file()))
+        return upload(self, rel, path)
+
+    monkeypatch.setattr(StepWriter, "put_file", put_file)
+    ev = evaluate(store, result.uri, trained.records.uri, cache_dir=cache)
+    assert not ev.cache_hit
+    work = cache / "evaluate" / ev.fingerprint
+    assert streamed == [("detections.jsonl", work / "detections.jsonl", True)]
+    assert not work.exists(), "the scratch goes when the step ends"
+    # what it read and wrote was held in the worker cache (worker_cache.in_use)
+    for area, name in (("models", result.fingerprint), ("evaluate", ev.fingerprint),
+                       ("tfrecords", trained.records.fingerprint)):
+        assert (cache / ".locks" / area / f"{name}.lock").is_file(), (area, name)
     out = ev.outputs
     val = json.loads(store.read_text(step_prefix("tfrecords", trained.records.fingerprint)
                                      + "data_report.json"))
