@@ -253,9 +253,9 @@ def coco_metrics(
         ``{name: {"id", "AP", "AP@.5", "groundtruth", "detections"}}`` in label-map id order.
 
     Raises:
-        ValueError: a duplicated image id, an image id in ``detections`` that is not in
-            ``groundtruth``, mismatched lengths, malformed boxes, or a class id not in
-            ``classes``.
+        EvalInputError (a ValueError): an empty ``classes``, a duplicated image id, an image
+            id in ``detections`` that is not in ``groundtruth``, mismatched lengths, malformed
+            boxes, or a class id not in ``classes``.
     """
     max_detections = _positive_int(max_detections, "max_detections")
     label_map = _check_classes(classes)
