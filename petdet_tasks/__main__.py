@@ -145,6 +145,22 @@ def _image_size(text: str) -> int:
     return value
 
 
+def _cmd_cache(args) -> dict:
+    from petdet_tasks.layout import cache_root
+    from petdet_tasks.worker_cache import report
+
+    return report(cache_root(args.cache_dir), trim=args.trim, budget=args.max_gb)
+
+
+def _gb_budget(text: str) -> int:
+    from petdet_tasks.worker_cache import gb_to_bytes
+
+    try:
+        return gb_to_bytes(text.strip(), "--max-gb")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _cmd_seaweedfs(args) -> int:
     from petdet_tasks.seaweed import serve_forever
 
@@ -282,6 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps on random boxes, so its weights are not the initial ones")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=_cmd_make_preset)
+
+    k = sub.add_parser("cache", help="what this worker's local cache holds; --trim to budget")
+    k.add_argument("--cache-dir", default=None,
+                   help="default $PETDET_CACHE_DIR, else ~/.cache/petdet")
+    k.add_argument("--trim", action="store_true",
+                   help="evict least recently used entries not in use, down to the budget")
+    k.add_argument("--max-gb", type=_gb_budget, default=None,
+                   help="the budget in GB (default $PETDET_CACHE_MAX_GB, else 50)")
+    k.set_defaults(func=_cmd_cache)
 
     w = sub.add_parser("seaweedfs", help="run a local SeaweedFS S3 server (127.0.0.1)")
     w.add_argument("--dir", required=True, help="data directory (kept across restarts)")

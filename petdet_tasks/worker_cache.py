@@ -51,14 +51,17 @@ _NAME_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z_.-]*")
 def max_bytes(env: dict[str, str] | None = None) -> int:
     """The budget in bytes from ``$PETDET_CACHE_MAX_GB`` (decimal GB), default 50 GB."""
     raw = (os.environ if env is None else env).get(ENV, "").strip()
-    if not raw:
-        return int(DEFAULT_MAX_GB * 1e9)
+    return gb_to_bytes(raw, ENV) if raw else int(DEFAULT_MAX_GB * 1e9)
+
+
+def gb_to_bytes(raw: str, what: str) -> int:
+    """A budget in (decimal) GB as bytes; ``what`` names where it came from in the error."""
     try:
         gb = float(raw)
     except ValueError:
         gb = float("nan")  # reported below
     if not 0 <= gb < float("inf"):
-        raise ConfigError(f"{ENV}={raw!r}: expected the worker cache's size budget in GB, a "
+        raise ConfigError(f"{what}={raw!r}: expected the worker cache's size budget in GB, a "
                           "number >= 0 (0 keeps only what a running step uses)")
     return int(gb * 1e9)
 
@@ -196,6 +199,39 @@ def prune(cache: Path, budget: int) -> Pruned:
         result.evicted.append(e)
         result.after -= e.size
     return result
+
+
+def held(cache: Path, area: str, name: str) -> bool:
+    """Whether some process holds the entry :func:`in_use` now (a probe that neither creates
+    its lock file nor marks it used)."""
+    try:
+        fd = os.open(_lock_path(cache, area, name), os.O_RDONLY)
+    except FileNotFoundError:
+        return False  # a holder creates the lock file first
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def report(cache: Path, *, trim: bool = False, budget: int | None = None) -> dict:
+    """What the cache holds (entries least recently used first, with their size, last use and
+    whether a step holds them now) and, with ``trim``, what trimming it to ``budget`` (default
+    :func:`max_bytes`) evicted: ``python -m petdet_tasks cache``."""
+    budget = max_bytes() if budget is None else budget
+    evicted = prune(cache, budget).evicted if trim else []
+    listed = entries(cache)
+    return {
+        "cache": str(cache.resolve()), "budget_bytes": budget, "bytes": sum(e.size for e in listed),
+        "entries": [{"entry": f"{e.area}/{e.name}", "bytes": e.size,
+                     "last_used": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e.last_used)),
+                     "in_use": held(cache, e.area, e.name)} for e in listed],
+        **({"evicted": [{"entry": f"{e.area}/{e.name}", "bytes": e.size} for e in evicted]}
+           if trim else {}),
+    }
 
 
 @contextlib.contextmanager

@@ -176,3 +176,38 @@ def test_trimming_never_fails_the_step(tmp_path, monkeypatch, caplog):
     with in_use(cache, ("models", "m1"), budget=0):
         ran = True
     assert ran and "could not trim it to 0.00 GB" in caplog.text
+
+
+def test_the_cache_command_reports_and_trims(tmp_path, capsys, monkeypatch):
+    import json
+
+    from petdet_tasks.__main__ import main
+
+    cache = tmp_path / "cache"
+    now = time.time()
+    _entry(cache, "tfrecords", "old", 2, now - 300)
+    _entry(cache, "models", "held", 1, now - 200)
+    _entry(cache, "training", "left", 3, now - 100)  # a killed run's scratch
+    monkeypatch.setenv("PETDET_CACHE_DIR", str(cache))
+    with in_use(cache, ("models", "held"), budget=10**12):
+        assert main(["cache"]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert shown["cache"] == str(cache) and shown["bytes"] == 6 * MB
+        assert shown["budget_bytes"] == 50 * 10**9 and "evicted" not in shown
+        assert [(e["entry"], e["bytes"], e["in_use"]) for e in shown["entries"]] == [
+            ("tfrecords/old", 2 * MB, False), ("training/left", 3 * MB, False),
+            ("models/held", MB, True)]  # in_use marked it used now: the most recent
+        assert not (cache / ".locks" / "tfrecords" / "old.lock").exists(), "a look, not a use"
+
+        assert main(["cache", "--trim", "--max-gb", "0.004"]) == 0
+        trimmed = json.loads(capsys.readouterr().out)
+        assert [e["entry"] for e in trimmed["evicted"]] == ["tfrecords/old"]
+        assert trimmed["bytes"] == 4 * MB
+
+        assert main(["cache", "--cache-dir", str(cache), "--trim", "--max-gb", "0"]) == 0
+        trimmed = json.loads(capsys.readouterr().out)
+        assert [e["entry"] for e in trimmed["evicted"]] == ["training/left"]
+        assert [e["entry"] for e in trimmed["entries"]] == ["models/held"]
+    with pytest.raises(SystemExit) as usage:
+        main(["cache", "--max-gb", "lots"])
+    assert usage.value.code == 2 and "--max-gb='lots': expected" in capsys.readouterr().err
