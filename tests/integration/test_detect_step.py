@@ -273,9 +273,20 @@ def test_test_split_records_match_the_served_model(setup, served):
     assert files[some]["sha256"] == hashlib.sha256(data).hexdigest()
 
 
-def test_annotated_image_is_drawn(setup):
+def test_annotated_image_is_drawn(setup, monkeypatch):
     work, store, model_uri, _ = setup
     cfg = DetectConfig(score_threshold=LOW, max_boxes=1, num_shards=1)
+    real = detect_module._ShardRunner._run_model
+
+    def with_a_large_top_box(self, batch):
+        # this briefly trained model's top box is a sliver in some runs (ymin == ymax): the
+        # drawing is checked on a box of known size, with the model's own class and score
+        out = real(self, batch)
+        boxes = out["detection_boxes"].copy()
+        boxes[:, 0] = [0.2, 0.15, 0.8, 0.85]
+        return {**out, "detection_boxes": boxes}
+
+    monkeypatch.setattr(detect_module._ShardRunner, "_run_model", with_a_large_top_box)
     folder = work / "draw"
     folder.mkdir(exist_ok=True)
     for name, data in _good_images(work, 4):
@@ -322,7 +333,7 @@ def test_annotated_image_is_drawn(setup):
         near_text = np.mean(np.abs(label - text).mean(axis=1) < 60)
         assert near_fill > 0.3 and near_text > 0.03, (near_fill, near_text)
         drawn_any += 1
-    assert drawn_any >= 1, "no image with a box large enough to check"
+    assert drawn_any == len(records) == 4, "every image has its top box drawn"
 
 
 class _Links(html.parser.HTMLParser):
