@@ -37,7 +37,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -105,14 +104,10 @@ def evaluate(store: Store, model_uri: str, tfrecords_uri: str, cfg: EvalConfig |
 
     def body(writer: StepWriter) -> dict:
         # the model, the staged records and its scratch stay in the worker cache while it
-        # reads them; the scratch goes when it ends (a killed attempt's is evicted later)
-        work = cache / "evaluate" / fp
-        with worker_cache.in_use(cache, ("models", model.fingerprint),
-                                 ("tfrecords", records.fingerprint), ("evaluate", fp)):
-            try:
-                return _evaluate_body(store, writer, model, records, cfg, cache, work)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
+        # reads them; the scratch goes when it ends
+        with worker_cache.scratch(cache, "evaluate", fp, ("models", model.fingerprint),
+                                  ("tfrecords", records.fingerprint)) as work:
+            return _evaluate_body(store, writer, model, records, cfg, cache, work)
 
     return run_step(store, STEP, SCHEMA_VERSION, inputs=inputs, config=cfg.fingerprint_fields(),
                     body=body, force=force, fp=fp, run_id=run_id)
@@ -149,6 +144,7 @@ def _evaluate_body(store: Store, writer: StepWriter, model: StepResult, records:
                    cfg: EvalConfig, cache: Path, work: Path) -> dict:
     import numpy as np
 
+    from petdet_tasks.coco_eval import coco_metrics, format_table
     from petdet_tasks.export import SIGNATURE_ENCODED, call_signature, load_exported
     from petdet_tasks.train_input import load_records_label_map, stage_shards
 
@@ -164,12 +160,9 @@ def _evaluate_body(store: Store, writer: StepWriter, model: StepResult, records:
     started = time.monotonic()
     # what the model returned, a line per image, streamed to a file: with up to 100 boxes an
     # image, held as JSON (and the detections as Python lists) it took ~30 KB an image
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     lines_path = work / "detections.jsonl"
-    lines = lines_path.open("w", encoding="utf-8")
 
-    def flush(batch):
+    def flush(batch, lines):
         out = call_signature(served, SIGNATURE_ENCODED, [b[1] for b in batch])
         for i, (key, _, w, h, boxes, ids) in enumerate(batch):
             n = int(out["num_detections"][i])
@@ -188,27 +181,15 @@ def _evaluate_body(store: Store, writer: StepWriter, model: StepResult, records:
                                     "outcome": analysis.add(gt, det)},
                                    sort_keys=True) + "\n")
 
-    try:
+    with lines_path.open("w", encoding="utf-8") as lines:
         batch = []
         for example in read_examples(paths):
             batch.append(example)
             if len(batch) == cfg.batch_size:
-                flush(batch)
+                flush(batch, lines)
                 batch = []
         if batch:
-            flush(batch)
-        lines.close()
-        return _score_and_write(writer, model, records, cfg, groundtruth, detections,
-                                analysis, cannot_detect, classes, started, lines_path)
-    finally:
-        lines.close()
-
-
-def _score_and_write(writer: StepWriter, model: StepResult, records: StepResult,
-                     cfg: EvalConfig, groundtruth: list, detections: list, analysis,
-                     cannot_detect: list, classes: dict, started: float, lines: Path) -> dict:
-    from petdet_tasks.coco_eval import coco_metrics, format_table
-    from petdet_tasks.export import SIGNATURE_ENCODED
+            flush(batch, lines)
     if not groundtruth:  # committed records never change: a retry would find none again
         raise ConfigError(f"the {cfg.split!r} split of {records.uri} has no images")
     seconds = time.monotonic() - started
@@ -224,7 +205,7 @@ def _score_and_write(writer: StepWriter, model: StepResult, records: StepResult,
                    "split": cfg.split, "signature": SIGNATURE_ENCODED,
                    "classes_the_model_cannot_detect": cannot_detect, **metrics}
     writer.put_json("metrics.json", metrics_doc)
-    writer.put_file("detections.jsonl", lines)
+    writer.put_file("detections.jsonl", lines_path)
     return {"model_uri": model.uri, "model_fingerprint": model.fingerprint,
             "tfrecords_uri": records.uri, "split": cfg.split, "images": metrics["images"],
             **{k: metrics[k] for k in HEADLINE}}

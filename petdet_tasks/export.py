@@ -50,7 +50,6 @@ import io
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -571,15 +570,13 @@ def export(store: Store, training_uri: str, cfg: ExportConfig | None = None, *,
     cache = cache_root(cache_dir)
 
     records_fp = training.manifest.get("inputs", {}).get("tfrecords")
-    held = [("export", fp)] + ([("tfrecords", records_fp)] if records_fp else [])
 
     def body(writer: StepWriter) -> dict:
         # its scratch and the staged records it takes fixture images from are held in the
-        # worker cache meanwhile; the scratch goes once the outputs are up
-        with worker_cache.in_use(cache, *held):
-            out = _export_body(store, writer, training, cfg, cache, cache / "export" / fp)
-            shutil.rmtree(cache / "export" / fp, ignore_errors=True)
-            return out
+        # worker cache meanwhile; the scratch goes when it ends
+        held = [("tfrecords", records_fp)] if records_fp else []
+        with worker_cache.scratch(cache, "export", fp, *held) as work:
+            return _export_body(store, writer, training, records_fp, cfg, cache, work)
 
     return run_step(store, STEP, SCHEMA_VERSION, inputs=inputs, config=cfg.to_dict(),
                     body=body, force=force, fp=fp, run_id=run_id)
@@ -611,21 +608,18 @@ def _refuse_to_force_production(store: Store, fp: str) -> None:
             "run without force, or promote another model first")
 
 
-def _export_body(store: Store, writer: StepWriter, training: StepResult, cfg: ExportConfig,
-                 cache: Path, work: Path) -> dict:
+def _export_body(store: Store, writer: StepWriter, training: StepResult,
+                 records_fp: str | None, cfg: ExportConfig, cache: Path, work: Path) -> dict:
     import keras
 
     from petdet_tasks.label_map import parse_label_map
 
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     train_prefix = step_prefix("train", training.fingerprint)
     labels = parse_label_map(store.read_text(train_prefix + "label_map.pbtxt"),
                              source=store.uri(train_prefix + "label_map.pbtxt"))
     train_cfg = json.loads(store.read_text(train_prefix + "train_config.json"))
     image_size = int(train_cfg["image_size"])
     keep_aspect = bool(train_cfg.get("keep_aspect_ratio", True))
-    records_fp = training.manifest.get("inputs", {}).get("tfrecords")
     records_uri = output_uri(store, "tfrecords", records_fp) if records_fp else None
 
     preset = fetch_tree(store, training, "preset/", work / "preset")

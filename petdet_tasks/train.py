@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -162,7 +161,11 @@ def synced_preset_name(store: Store, preset: str) -> str | None:
     if Path(preset).expanduser().is_dir():
         return None
     rel = _store_prefix(store, preset)
-    return None if rel is None else hashlib.sha256(store.uri(rel).encode()).hexdigest()[:16]
+    return None if rel is None else _preset_cache_name(store, rel)
+
+
+def _preset_cache_name(store: Store, rel: str) -> str:
+    return hashlib.sha256(store.uri(rel).encode()).hexdigest()[:16]
 
 
 def resolve_preset(store: Store, preset: str, cache: Path) -> str:
@@ -174,7 +177,7 @@ def resolve_preset(store: Store, preset: str, cache: Path) -> str:
     if rel is None:
         _check_preset_name(preset)
         return preset  # keras-hub preset name or kaggle:// handle: keras-hub downloads it
-    local = cache / "presets" / synced_preset_name(store, preset)
+    local = cache / "presets" / _preset_cache_name(store, rel)
     for obj in store.list(rel):
         dest = local / obj.key[len(rel):]
         if not (dest.exists() and dest.stat().st_size == obj.size):
@@ -525,15 +528,12 @@ def train(store: Store, tfrecords_uri: str, cfg: TrainConfig, *, cache_dir=None,
 
     def body(writer: StepWriter) -> dict:
         # its scratch, staged records and synced preset are held in the worker cache while it
-        # trains (no step on this worker evicts them), and the scratch goes once uploaded
-        held = [("training", fp), ("tfrecords", records.fingerprint)]
+        # trains (no step on this worker evicts them); the scratch goes when it ends
         preset_name = synced_preset_name(store, cfg.preset)
-        if preset_name is not None:
-            held.append(("presets", preset_name))
-        with worker_cache.in_use(cache, *held):
-            out = _train_body(store, writer, records, cfg, cache, fp)
-            shutil.rmtree(cache / "training" / fp, ignore_errors=True)
-            return out
+        held = [("tfrecords", records.fingerprint)] + (
+            [("presets", preset_name)] if preset_name else [])
+        with worker_cache.scratch(cache, "training", fp, *held) as work:
+            return _train_body(store, writer, records, cfg, cache, work)
 
     return run_step(store, STEP, SCHEMA_VERSION, inputs=inputs, config=config,
                     body=body, force=force, resume=True, fp=fp, run_id=run_id,
@@ -542,7 +542,7 @@ def train(store: Store, tfrecords_uri: str, cfg: TrainConfig, *, cache_dir=None,
 
 
 def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: TrainConfig,
-                cache: Path, fp: str) -> dict:
+                cache: Path, work: Path) -> dict:
     import keras
     import tensorflow as tf
 
@@ -557,10 +557,8 @@ def _train_body(store: Store, writer: StepWriter, records: StepResult, cfg: Trai
         raise ConfigError(f"train config num_classes={cfg.num_classes} but the records' label "
                           f"map has {num_classes} classes: drop num_classes (the records' label "
                           "map decides) or build the records with the classes you want")
-    work = cache / "training" / fp
     ckpt_dir = work / "ckpt"
-    shutil.rmtree(work, ignore_errors=True)  # the store holds the truth; local is scratch
-    ckpt_dir.mkdir(parents=True)
+    ckpt_dir.mkdir()
     keras.utils.set_random_seed(cfg.seed)
     preset = resolve_preset(store, cfg.preset, cache)  # a wrong one fails before any staging
 

@@ -4,11 +4,10 @@ in use.
 Steps copy what they read from the store to the worker's disk (:func:`layout.cache_root`):
 staged TFRecord shards (``tfrecords/<fp>/``), exported models (``models/<fp>/``), presets
 synced from the store (``presets/<hash>/``), and their own scratch (``training/<fp>/``,
-``export/<fp>/``, ``evaluate/<fp>/``: removed when the step ends, left behind by one that was
-killed or failed). A worker
-that retrains every week gains a new records copy and a new model each time; unbounded, the
-cache fills its disk. The store holds the truth, so any entry can be evicted: the next step
-that needs it copies it again.
+``export/<fp>/``, ``evaluate/<fp>/``: :func:`scratch`, removed when the step ends, left
+behind only by one that was killed). A worker that retrains every week gains a new records
+copy and a new model each time; unbounded, the cache fills its disk. The store holds the
+truth, so any entry can be evicted: the next step that needs it copies it again.
 
 A step declares the entries it uses with :func:`in_use` for as long as it uses them (an
 evaluation reads its staged shards until it ends, a training run for hours). That holds a
@@ -232,6 +231,22 @@ def report(cache: Path, *, trim: bool = False, budget: int | None = None) -> dic
         **({"evicted": [{"entry": f"{e.area}/{e.name}", "bytes": e.size} for e in evicted]}
            if trim else {}),
     }
+
+
+@contextlib.contextmanager
+def scratch(cache: Path, area: str, name: str, *used: tuple[str, str],
+            budget: int | None = None) -> Iterator[Path]:
+    """A step's scratch folder ``cache/<area>/<name>``, empty, held :func:`in_use` with the
+    entries ``used`` for the block and removed when the block ends, however it ends (the store
+    holds what the step keeps); a killed step's is evicted like any other entry."""
+    work = cache / area / name
+    with in_use(cache, (area, name), *used, budget=budget):
+        shutil.rmtree(work, ignore_errors=True)  # a killed attempt's
+        work.mkdir(parents=True)
+        try:
+            yield work
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -211,3 +211,20 @@ def test_the_cache_command_reports_and_trims(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as usage:
         main(["cache", "--max-gb", "lots"])
     assert usage.value.code == 2 and "--max-gb='lots': expected" in capsys.readouterr().err
+
+
+def test_a_steps_scratch_starts_empty_is_held_and_goes_when_it_ends(tmp_path):
+    from petdet_tasks.worker_cache import held, scratch
+
+    cache = tmp_path / "cache"
+    left = _entry(cache, "training", "run1", 1)  # a killed attempt's
+    with scratch(cache, "training", "run1", ("tfrecords", "recs"), budget=0) as work:
+        assert work == left and list(work.iterdir()) == []
+        assert held(cache, "training", "run1") and held(cache, "tfrecords", "recs")
+        (work / "ckpt").mkdir()
+    assert not work.exists() and not held(cache, "training", "run1")
+    with pytest.raises(RuntimeError, match="diverged"):
+        with scratch(cache, "export", "m1", budget=0) as work:
+            (work / "saved_model").mkdir()
+            raise RuntimeError("diverged")
+    assert not work.exists(), "a failed step's scratch goes too: the store holds what it keeps"
