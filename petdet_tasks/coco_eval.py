@@ -287,27 +287,24 @@ def coco_metrics(
     # one dict per image, class and area range) and the result annotations are one class's at
     # a time: memory no longer grows with images x classes (benchmarks/evaluate.py).
     captured = io.StringIO()
-    precision = recall = None
+    image_ids = [im["id"] for im in coco_images]
+    precisions, recalls = [], []
     with contextlib.redirect_stdout(captured):
         coco_gt = _coco(coco_images, categories, gt_annotations)
-        for k, class_id in enumerate(class_ids):
+        for class_id in class_ids:
             evaluator = COCOeval(coco_gt, _coco(coco_images, categories,
                                                 kept.annotations(class_id)), iouType="bbox")
-            evaluator.params.imgIds = [im["id"] for im in coco_images]
+            evaluator.params.imgIds = image_ids
             evaluator.params.catIds = [class_id]
             evaluator.params.maxDets = [1, 10, max_detections]
             evaluator.evaluate()
             evaluator.accumulate()
-            # precision: [T iou, R recall, K class, A area, M maxDets]; recall: [T, K, A, M]
-            if precision is None:
-                shape = evaluator.eval["precision"].shape
-                precision = np.empty(shape[:2] + (len(class_ids),) + shape[3:])
-                recall = np.empty((shape[0], len(class_ids)) + shape[3:])
-            precision[:, :, k] = evaluator.eval["precision"][:, :, 0]
-            recall[:, k] = evaluator.eval["recall"][:, 0]
+            precisions.append(evaluator.eval["precision"][:, :, 0])
+            recalls.append(evaluator.eval["recall"][:, 0])
             iou_thrs = evaluator.params.iouThrs
-            del evaluator
     log.debug("pycocotools output:\n%s", captured.getvalue().rstrip())
+    # precision: [T iou, R recall, K class, A area, M maxDets]; recall: [T, K, A, M]
+    precision, recall = np.stack(precisions, axis=2), np.stack(recalls, axis=1)
     t50 = int(np.flatnonzero(np.isclose(iou_thrs, 0.5))[0])
     t75 = int(np.flatnonzero(np.isclose(iou_thrs, 0.75))[0])
     every, top = _AREA_INDEX["all"], 2

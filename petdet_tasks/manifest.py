@@ -71,7 +71,6 @@ class PlanMismatch(PermanentError, StoreError):
     reads the same record, so only running the plan task again mends it."""
 
 
-
 @dataclass
 class StepResult:
     """What a step returns (and what its operator pushes to XCom, via :meth:`to_xcom`)."""
