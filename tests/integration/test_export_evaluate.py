@@ -298,6 +298,20 @@ def test_compare_detections_is_order_insensitive_and_catches_differences():
         else:
             with pytest.raises(ExportError, match="more than the 2 NMS flips allowed"):
                 compare_detections(many, other)
+    # a sliver on the image's edge clips to nothing in one runtime (and is dropped there) and
+    # to 1e-5 in the other: it may be missing, wherever it ranks; a box with area may not
+    edge = {k: v.copy() for k, v in ref.items()}
+    edge["num_detections"][0] = 3
+    edge["detection_boxes"][0, 2] = [0.0, 0.0, 1.2e-5, 1.0]
+    edge["detection_scores"][0, 2] = 0.9
+    edge["detection_classes"][0, 2] = 7
+    report = compare_detections(edge, ref)
+    assert (report["compared"], report["edge_drops"]) == (2, 1)
+    assert compare_detections(ref, edge)["edge_drops"] == 1
+    assert compare_detections(edge, edge)["edge_drops"] == 0
+    edge["detection_boxes"][0, 2, 2] = 2e-4  # 0.0002 high: the other runtime must have it
+    with pytest.raises(ExportError, match="missing detection #3 class 7"):
+        compare_detections(edge, ref)
     wrong_dtype = {**ref, "detection_scores": ref["detection_scores"].astype(np.float64)}
     with pytest.raises(ExportError, match="float32"):
         compare_detections(ref, wrong_dtype)
