@@ -78,3 +78,15 @@ def test_a_padding_box_on_top_of_keras_hubs_list_makes_them_incomparable(caplog)
     # a padding box below the in-image best changes nothing: the check still bites
     with pytest.raises(ExportError, match="best detection differs"):
         _check(_theirs((0, 0.9, HEAD), (0, 0.5, padding)), _ours((1, 0.7, np.array(HEAD) / SIZE)))
+
+
+def test_a_sliver_on_the_images_edge_on_top_of_keras_hubs_list_makes_them_incomparable(caplog):
+    """A box reaching just past the image's top edge clips to 1e-5 high in keras-hub's
+    numbers and to nothing in the export's (which drops it): not comparable either. A box
+    with area is still compared."""
+    sliver = [-5, 10, 0.0005, 90]  # 5e-6 of the image high once clipped
+    with caplog.at_level("INFO", logger="petdet_tasks.export"):
+        _check(_theirs((0, 0.8, sliver)), _ours((1, 0.3, np.array(HEAD) / SIZE)))
+    assert "lies in the letterbox padding (or is a sliver" in caplog.text
+    with pytest.raises(ExportError, match="best detection differs"):
+        _check(_theirs((0, 0.8, [-5, 10, 0.5, 90])), _ours((1, 0.3, np.array(HEAD) / SIZE)))
