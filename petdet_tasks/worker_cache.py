@@ -15,8 +15,8 @@ shared ``flock`` on ``.locks/<area>/<name>.lock`` (released by the kernel if the
 and marks the entry used now, then trims the cache to its budget: entries are evicted oldest
 use first, each under an exclusive lock taken without waiting, so an entry that any process
 on this worker is using is skipped, never deleted under it. The budget is checked when a step
-starts, before it copies anything, so an entry being staged can take the cache past it until
-the next step starts.
+starts, before it copies anything, and again when it ends, still holding its entries: what
+it staged meanwhile can take the cache past the budget only while it runs.
 
 The budget: ``$PETDET_CACHE_MAX_GB`` (decimal GB, default 50; ``0`` keeps only what is in
 use). Archives under ``downloads/`` are not evicted here: the download step keeps them by
@@ -254,7 +254,9 @@ def in_use(cache: Path, *used: tuple[str, str], budget: int | None = None) -> It
     """Hold the cache entries ``used`` (``(area, name)`` pairs, e.g. ``("tfrecords", fp)``)
     for the duration of the block: no process on this worker evicts them meanwhile. On entry
     they are marked used now and the rest of the cache is trimmed to ``budget`` (default
-    :func:`max_bytes`); on exit they are marked used again (their use ended now)."""
+    :func:`max_bytes`); on exit, however the block ends, they are marked used again (their
+    use ended now) and the rest is trimmed again (what the block staged counts now), before
+    they are released."""
     budget = max_bytes() if budget is None else budget
     for area, name in used:
         _check(area, name)
@@ -266,20 +268,31 @@ def in_use(cache: Path, *used: tuple[str, str], budget: int | None = None) -> It
             fcntl.flock(fd, fcntl.LOCK_SH)  # waits only for a prune evicting it right now
             with contextlib.suppress(OSError):  # another user's lock file: not ours to touch
                 os.utime(fd)
-        started = time.monotonic()
-        try:
-            result = prune(cache, budget)
-        except OSError as e:  # trimming is housekeeping: it never fails the step
-            log.warning("worker cache %s: could not trim it to %.2f GB: %s", cache,
-                        budget / 1e9, e)
-        else:
-            if result.evicted or result.in_use:
-                log.info("worker cache %s over its budget of %.2f GB (%.2f GB; %s): %s [%.2fs]",
-                         cache, budget / 1e9, result.before / 1e9, ENV, result.summary(),
-                         time.monotonic() - started)
+        _trim(cache, budget, "starts")
         yield
     finally:
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.utime(fd)
-            os.close(fd)
+        try:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.utime(fd)
+            if len(fds) == len(used):  # not when taking the locks failed
+                _trim(cache, budget, "ends")
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def _trim(cache: Path, budget: int, when: str) -> None:
+    """Trim the cache to ``budget`` as a step ``when`` (starts / ends): housekeeping, it never
+    fails the step."""
+    started = time.monotonic()
+    try:
+        result = prune(cache, budget)
+    except OSError as e:
+        log.warning("worker cache %s: could not trim it to %.2f GB as the step %s: %s", cache,
+                    budget / 1e9, when, e)
+        return
+    if result.evicted or result.in_use:
+        log.info("worker cache %s over its budget of %.2f GB as the step %s (%.2f GB; %s): %s "
+                 "[%.2fs]", cache, budget / 1e9, when, result.before / 1e9, ENV,
+                 result.summary(), time.monotonic() - started)

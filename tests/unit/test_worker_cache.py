@@ -166,6 +166,26 @@ def test_an_entry_used_after_the_listing_is_not_evicted(tmp_path, monkeypatch):
     assert (cache / "tfrecords" / "busy").is_dir()
 
 
+def test_what_a_step_staged_is_trimmed_for_when_it_ends(tmp_path, caplog):
+    """The budget is checked again when the step ends: what it staged past the budget evicts
+    older entries then, not at some later step's start; the step's own entries stay."""
+    cache = tmp_path / "cache"
+    now = time.time()
+    _entry(cache, "tfrecords", "old", 2, now - 300)
+    _entry(cache, "models", "older", 1, now - 400)
+    with caplog.at_level("INFO", logger="petdet_tasks.worker_cache"):
+        with in_use(cache, ("tfrecords", "new"), ("models", "m2"), budget=5 * MB):
+            assert _names(cache) == ["models/older", "tfrecords/old"]  # 3 MB: within 5
+            _entry(cache, "tfrecords", "new", 3)  # staged: 6 MB
+            _entry(cache, "models", "m2", 1)  # 7 MB
+    assert _names(cache) == ["models/m2", "tfrecords/new"]  # the two older ones went
+    assert "as the step ends (0.01 GB" in caplog.text
+    with pytest.raises(RuntimeError, match="failed"):  # however the step ends
+        with in_use(cache, ("tfrecords", "new"), budget=3 * MB):
+            raise RuntimeError("failed")
+    assert _names(cache) == ["tfrecords/new"]
+
+
 def test_trimming_never_fails_the_step(tmp_path, monkeypatch, caplog):
     cache = tmp_path / "cache"
 
@@ -175,7 +195,8 @@ def test_trimming_never_fails_the_step(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(worker_cache, "prune", broken)
     with in_use(cache, ("models", "m1"), budget=0):
         ran = True
-    assert ran and "could not trim it to 0.00 GB" in caplog.text
+    assert ran and "could not trim it to 0.00 GB as the step starts" in caplog.text
+    assert "could not trim it to 0.00 GB as the step ends" in caplog.text
 
 
 def test_the_cache_command_reports_and_trims(tmp_path, capsys, monkeypatch):
