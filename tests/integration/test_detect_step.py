@@ -47,7 +47,7 @@ from tests.support.pipeline import build_trained
 
 pytestmark = pytest.mark.slow
 SIZE = 96
-LOW = 0.05  # the export's own floor: every image gets detections from this weak model
+LOW = 0.05  # the export's own floor: most images get detections from this weak model
 
 
 @pytest.fixture(scope="module")
@@ -279,12 +279,18 @@ def test_annotated_image_is_drawn(setup, monkeypatch):
     real = detect_module._ShardRunner._run_model
 
     def with_a_large_top_box(self, batch):
-        # this briefly trained model's top box is a sliver in some runs (ymin == ymax): the
-        # drawing is checked on a box of known size, with the model's own class and score
+        # this briefly trained model's top box is a sliver in some runs (ymin == ymax), and
+        # some runs find nothing above the export's floor in an image: the drawing is checked
+        # on a box of known size, with the model's own class and score where it has one
         out = real(self, batch)
         boxes = out["detection_boxes"].copy()
         boxes[:, 0] = [0.2, 0.15, 0.8, 0.85]
-        return {**out, "detection_boxes": boxes}
+        n, scores, classes = (out[k].copy() for k in (
+            "num_detections", "detection_scores", "detection_classes"))
+        none = n == 0
+        n[none], scores[none, 0], classes[none, 0] = 1, 0.5, 1
+        return {**out, "detection_boxes": boxes, "num_detections": n,
+                "detection_scores": scores, "detection_classes": classes}
 
     monkeypatch.setattr(detect_module._ShardRunner, "_run_model", with_a_large_top_box)
     folder = work / "draw"
