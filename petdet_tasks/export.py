@@ -336,14 +336,15 @@ def compare_detections(ref: dict, got: dict, *, atol: float = PARITY_ATOL,
     when the other output holds a same-class detection scoring at least as high that overlaps
     it by at least ``iou_threshold - NMS_FLIP_IOU_BAND`` (it was suppressed there), and only
     up to ``max(2, nms_flips * n)`` of them per image and direction; each image's best
-    detection must always match. Detections within ``atol`` of the score threshold, or of the
-    lowest kept score when every row is used (the top-k cut), may fall on either side. So may
-    a box within ``atol`` of having no area: the serving functions drop a box that clips to
-    nothing (wholly in the letterbox padding), and a sliver on the image's edge clips to
-    nothing in one runtime and to 1e-5 in another (``edge_drops``; such a box overlaps
-    nothing, so it suppresses nothing). An export bug (preprocessing, scaling, class ids,
-    weights) breaks far more than that. Returns the largest differences and the counts;
-    raises :class:`ExportError` describing the first disagreement past those allowances."""
+    detection must match (unless it is a sliver, below). Detections within ``atol`` of the
+    score threshold, or of the lowest kept score when every row is used (the top-k cut), may
+    fall on either side. So may a box within ``atol`` of having no area: the serving
+    functions drop a box that clips to nothing (wholly in the letterbox padding), and a
+    sliver on the image's edge clips to nothing in one runtime and to 1e-5 in another
+    (``edge_drops``; such a box overlaps nothing, so it suppresses nothing). An export bug
+    (preprocessing, scaling, class ids, weights) breaks far more than that. Returns the
+    largest differences and the counts; raises :class:`ExportError` describing the first
+    disagreement past those allowances."""
     for k in OUTPUT_KEYS:
         if k not in got:
             raise ExportError(f"output {k!r} missing (got {sorted(got)})")
