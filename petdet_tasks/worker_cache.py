@@ -261,6 +261,7 @@ def in_use(cache: Path, *used: tuple[str, str], budget: int | None = None) -> It
     for area, name in used:
         _check(area, name)
     fds: list[int] = []
+    entered = False
     try:
         for area, name in used:
             fd = _open_lock(_lock_path(cache, area, name))
@@ -269,13 +270,14 @@ def in_use(cache: Path, *used: tuple[str, str], budget: int | None = None) -> It
             with contextlib.suppress(OSError):  # another user's lock file: not ours to touch
                 os.utime(fd)
         _trim(cache, budget, "starts")
+        entered = True
         yield
     finally:
         try:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.utime(fd)
-            if len(fds) == len(used):  # not when taking the locks failed
+            if entered:  # not when taking the locks failed
                 _trim(cache, budget, "ends")
         finally:
             for fd in fds:
