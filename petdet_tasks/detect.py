@@ -141,7 +141,7 @@ from petdet_tasks.manifest import (
     save_plan_record,
 )
 from petdet_tasks.registry import production_model_uri, read_production
-from petdet_tasks.store import FileEntry, NotFound, Store, StoreError
+from petdet_tasks.store import FileEntry, NotFound, Store, StoreError, _check_key
 
 log = logging.getLogger(__name__)
 
@@ -424,6 +424,11 @@ def _list_store_prefix(store: Store, prefix: str) -> tuple[list[tuple], list[str
         if not _is_image(obj.key):
             if not obj.key.endswith("/"):  # a "folder" marker object is no file
                 others.append(rel)
+            continue
+        try:  # S3 allows keys the store refuses to read ("a//b.jpg", "a/../b.jpg")
+            _check_key(obj.key)
+        except ValueError as e:
+            out.append((rel, obj.key, "store", obj.key, -1, f"unreadable: {e}"))
             continue
         if obj.etag:
             digest = "etag:" + obj.etag.strip('"')

@@ -19,7 +19,7 @@ from petdet_tasks.errors import PermanentError
 from petdet_tasks.images import MAX_PIXELS, check_image, read_header
 from petdet_tasks.layout import step_prefix
 from petdet_tasks.manifest import run_step
-from petdet_tasks.store import LocalStore, StoreError
+from petdet_tasks.store import LocalStore, ObjectInfo, StoreError
 
 
 def _encode(img: Image.Image, fmt: str, **params) -> bytes:
@@ -156,6 +156,32 @@ def test_gif_bmp_webp_are_taken_and_every_other_file_is_counted(tmp_path):
     items2, _, not_images2 = det.list_images(store, None, "inbox")
     assert [it.key for it in items2] == [it.key for it in items]
     assert not_images2 == not_images
+
+
+def test_a_listed_key_the_store_cannot_read_is_a_failure_not_a_failed_shard(tmp_path):
+    """S3 (not SeaweedFS) accepts keys like ``a//b.jpg`` or ``a/../b.jpg`` that petdet's store
+    refuses to read: such an image is an unreadable input with a failure record, planned as
+    one, instead of a ValueError failing its whole shard on every retry."""
+    store = LocalStore(tmp_path / "store")
+    store.put_bytes("inbox/ok.jpg", JPEG)
+    real_list = store.list
+
+    def listing(prefix):  # what an S3 listing of such a bucket returns
+        yield from real_list(prefix)
+        yield ObjectInfo("inbox/odd//b.jpg", len(JPEG), '"0123"')
+        yield ObjectInfo("inbox/up/../c.png", len(JPEG), '"4567"')
+
+    store.list = listing
+    items, what, _ = det.list_images(store, None, "inbox")
+    assert [(it.key, it.size) for it in items] == [("odd/b", -1), ("ok", len(JPEG)),
+                                                   ("up/_/c", -1)]
+    assert "(3 images)" in what
+    for it in (items[0], items[2]):
+        assert it.digest.startswith("unreadable: invalid store key")
+        with pytest.raises(det._Unreadable, match="invalid store key 'inbox/odd//b.jpg'|"
+                           "invalid store key 'inbox/up/../c.png'"):
+            det._read_item(store, it)
+    assert det._read_item(store, items[1]) == JPEG
 
 
 def test_a_folder_of_only_other_files_names_them_in_the_error(tmp_path):
