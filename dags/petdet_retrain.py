@@ -61,6 +61,19 @@ OFFICIAL_SOURCE = "https://thor.robots.ox.ac.uk/~vgg/data/pets/"
 GPU_POOL = os.environ.get("PETDET_GPU_POOL", "gpu")
 GPU_QUEUE = os.environ.get("PETDET_GPU_QUEUE", "gpu")
 TRAIN_TIMEOUT = timedelta(hours=float(os.environ.get("PETDET_TRAIN_TIMEOUT_HOURS", "24")))
+# a text param's pattern, after its "^": no space or newline at either end (a pasted
+# "s3://petdet/petdet " would name another store; JSON Schema's "$" also matches before a
+# final newline, hence the look-ahead)
+TRIMMED = r"(?!\s)(?![\s\S]*\s$)"
+
+
+def verbatim(value):
+    """Filter for a text template (``{{ params.extra_data | verbatim }}``): its ``repr``, which
+    native rendering (``render_template_as_native_obj``, below: numbers and nulls reach the
+    operators typed) evaluates back to the very same text. Rendered bare, a text that reads
+    as a Python literal would become one: ``2024.10`` → 2024.1, ``2024_06_01`` → 20240601,
+    ``1e3`` → 1000.0, ``True`` → True, and a fingerprint of decimal digits an int."""
+    return repr(value)
 
 with DAG(
     dag_id="petdet_retrain",
@@ -72,6 +85,7 @@ with DAG(
     max_active_runs=1,
     tags=["petdet", "ml", "object-detection"],
     render_template_as_native_obj=True,
+    user_defined_filters={"verbatim": verbatim},
     default_args={
         "owner": "petdet",
         "retries": 2,
@@ -82,7 +96,7 @@ with DAG(
         "source": Param(
             os.environ.get("PETDET_SOURCE", OFFICIAL_SOURCE),
             type="string",
-            minLength=1,
+            pattern="^" + TRIMMED + ".+$",
             title="Dataset source",
             description="Base URL or local folder holding images.tar.gz and annotations.tar.gz "
             "(official site by default; other sources are verified by a SHA256SUMS beside them).",
@@ -90,7 +104,7 @@ with DAG(
         "store_root": Param(
             os.environ.get("PETDET_STORE_ROOT", "s3://petdet/petdet"),
             type="string",
-            pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.+|file:///.+)$",
+            pattern="^" + TRIMMED + r"(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.+|file:///.+)$",
             title="Storage root",
             description="s3://bucket/prefix, or an absolute local path, that every step "
             "writes under.",
@@ -194,26 +208,28 @@ with DAG(
 ) as dag:
     download = DownloadPetsOperator(
         task_id="download",
-        source="{{ params.source }}",
-        store_root="{{ params.store_root }}",
-        aws_conn_id="{{ params.aws_conn_id }}",
+        source="{{ params.source | verbatim }}",
+        store_root="{{ params.store_root | verbatim }}",
+        aws_conn_id="{{ params.aws_conn_id | verbatim }}",
         force="{{ params.force }}",
         execution_timeout=timedelta(hours=2),
         doc_md="Fetch + verify + safely extract the archives into `datasets/<fingerprint>/`.",
     )
 
+    # free texts and whatever comes from XCom go through `verbatim`; numbers, booleans and
+    # enums need not
     store_args = {
-        "store_root": "{{ params.store_root }}",
-        "aws_conn_id": "{{ params.aws_conn_id }}",
+        "store_root": "{{ params.store_root | verbatim }}",
+        "aws_conn_id": "{{ params.aws_conn_id | verbatim }}",
     }
-    dataset_uri = "{{ ti.xcom_pull(task_ids='download')['uri'] }}"
+    dataset_uri = "{{ ti.xcom_pull(task_ids='download')['uri'] | verbatim }}"
     tfrecord_config = {
         "num_shards": "{{ params.shards }}",
         "val_fraction": "{{ params.val_fraction }}",
         "check": "{{ params.image_check }}",
         "max_quarantine_fraction": "{{ params.max_quarantine_fraction }}",
         "classes": "{{ params.classes }}",
-        "extra_data": "{{ params.extra_data }}",
+        "extra_data": "{{ params.extra_data | verbatim }}",
         "force": "{{ params.force }}",
     }
     plan = TFRecordsPlanOperator(
@@ -226,7 +242,8 @@ with DAG(
     )
     # the shards and the gather run the plan the plan task recorded (not a plan of their own:
     # the extra-data prefix may gain images meanwhile)
-    planned_records = "{{ ti.xcom_pull(task_ids='tfrecords_plan', key='plan')['fingerprint'] }}"
+    planned_records = ("{{ ti.xcom_pull(task_ids='tfrecords_plan', key='plan')['fingerprint'] "
+                       "| verbatim }}")
     shards = TFRecordsShardsOperator.partial(
         task_id="tfrecords_shards",
         dataset_uri=dataset_uri,
@@ -246,10 +263,10 @@ with DAG(
 
     train = TrainDetectorOperator(
         task_id="train",
-        tfrecords_uri="{{ ti.xcom_pull(task_ids='tfrecords_gather')['uri'] }}",
-        config_file="{{ params.train_config_file }}",
+        tfrecords_uri="{{ ti.xcom_pull(task_ids='tfrecords_gather')['uri'] | verbatim }}",
+        config_file="{{ params.train_config_file | verbatim }}",
         config={
-            "preset": "{{ params.preset }}",
+            "preset": "{{ params.preset | verbatim }}",
             "num_steps": "{{ params.num_steps }}",
             "batch_size": "{{ params.batch_size }}",
             "image_size": "{{ params.image_size }}",
@@ -267,22 +284,22 @@ with DAG(
 
     export = ExportModelOperator(
         task_id="export",
-        training_uri="{{ ti.xcom_pull(task_ids='train')['uri'] }}",
+        training_uri="{{ ti.xcom_pull(task_ids='train')['uri'] | verbatim }}",
         force="{{ params.force }}",
         execution_timeout=timedelta(hours=1),
         **store_args,
     )
     evaluate = EvaluateModelOperator(
         task_id="evaluate",
-        model_uri="{{ ti.xcom_pull(task_ids='export')['uri'] }}",
-        tfrecords_uri="{{ ti.xcom_pull(task_ids='tfrecords_gather')['uri'] }}",
+        model_uri="{{ ti.xcom_pull(task_ids='export')['uri'] | verbatim }}",
+        tfrecords_uri="{{ ti.xcom_pull(task_ids='tfrecords_gather')['uri'] | verbatim }}",
         force="{{ params.force }}",
         execution_timeout=timedelta(hours=2),
         **store_args,
     )
     evaluate_production = EvaluateProductionOperator(
         task_id="evaluate_production",
-        tfrecords_uri="{{ ti.xcom_pull(task_ids='tfrecords_gather')['uri'] }}",
+        tfrecords_uri="{{ ti.xcom_pull(task_ids='tfrecords_gather')['uri'] | verbatim }}",
         force="{{ params.force }}",
         execution_timeout=timedelta(hours=2),
         doc_md="The production model on this run's records and split (what promote compares "
@@ -291,7 +308,7 @@ with DAG(
     )
     promote = PromoteModelOperator(
         task_id="promote",
-        evaluation_uri="{{ ti.xcom_pull(task_ids='evaluate')['uri'] }}",
+        evaluation_uri="{{ ti.xcom_pull(task_ids='evaluate')['uri'] | verbatim }}",
         metric="{{ params.promotion_metric }}",
         margin="{{ params.promotion_margin }}",
         skip_downstream_if_not_promoted="{{ params.skip_detection_if_not_promoted }}",
@@ -302,9 +319,9 @@ with DAG(
 
     detect_args = {
         # empty = the registry's production model (read when the plan runs)
-        "model_uri": "{{ ti.xcom_pull(task_ids='export')['uri'] "
-                     "if params.detect_with == 'candidate' else '' }}",
-        "images": "{{ params.detect_images }}",
+        "model_uri": "{{ (ti.xcom_pull(task_ids='export')['uri'] "
+                     "if params.detect_with == 'candidate' else '') | verbatim }}",
+        "images": "{{ params.detect_images | verbatim }}",
         "config": {
             "score_threshold": "{{ params.detection_score_threshold }}",
             "max_boxes": "{{ params.detection_max_boxes }}",
@@ -321,10 +338,12 @@ with DAG(
     )
     # the shards and the gather run the model the plan chose, even if production changes
     planned = {**detect_args,
-               "model_uri": "{{ ti.xcom_pull(task_ids='detect_plan', key='plan')['model_uri'] }}",
+               "model_uri": "{{ ti.xcom_pull(task_ids='detect_plan', key='plan')['model_uri'] "
+                            "| verbatim }}",
                # ... and its recorded listing, not a new one (the input prefix may gain images)
                "plan_fingerprint":
-                   "{{ ti.xcom_pull(task_ids='detect_plan', key='plan')['fingerprint'] }}"}
+                   "{{ ti.xcom_pull(task_ids='detect_plan', key='plan')['fingerprint'] "
+                   "| verbatim }}"}
     detect_shards = DetectShardsOperator.partial(
         task_id="detect_shards",
         execution_timeout=timedelta(hours=2),

@@ -239,13 +239,24 @@ class TrainDetectorOperator(PetdetOperator):
 
         path = _none_if_empty(self.config_file)
         base = load_train_config(path) if path else TrainConfig()
-        return base.merged(_drop_empty(dict(self.config)))
+        overrides = _drop_empty(dict(self.config))
+        for k, v in overrides.items():
+            # JSON Schema's "integer" (the form's, the REST API's) admits 8.0; TrainConfig,
+            # strict about its files, would refuse it only once the run reaches train
+            default = getattr(base, k, None)
+            if (isinstance(default, int) and not isinstance(default, bool)
+                    and isinstance(v, float) and v.is_integer()):
+                overrides[k] = int(v)
+        return base.merged(overrides)
 
     def execute_step(self, context) -> dict:
+        from petdet_tasks.fetch import redact_url
         from petdet_tasks.train import train
 
         cfg = self.resolved_config()
-        self.log.info("training config: %s", cfg.to_dict())
+        shown = cfg.to_dict()
+        shown["preset"] = redact_url(shown["preset"])  # a URL may carry user:password@
+        self.log.info("training config: %s", shown)
         result = train(self.get_store(), str(self.tfrecords_uri), cfg,
                        run_id=context.get("run_id"), force=_as_bool(self.force))
         return result.to_xcom()

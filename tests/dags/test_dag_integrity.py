@@ -147,7 +147,7 @@ def test_download_task_is_templated(dag):
     task = dag.get_task("download")
     for field in ("source", "store_root", "aws_conn_id", "force"):
         assert field in task.template_fields
-    assert task.source == "{{ params.source }}"
+    assert task.source == "{{ params.source | verbatim }}"
 
 
 def test_force_reaches_every_task(dag):
@@ -175,9 +175,9 @@ def test_shard_and_gather_tasks_run_the_plan_tasks_recorded_plan(dag):
             task = dag.get_task(task_id)
             kwargs = task.partial_kwargs if task.is_mapped else vars(task)
             assert "plan_fingerprint" in task.template_fields, task_id
-            assert kwargs["plan_fingerprint"] == \
-                f"{{{{ ti.xcom_pull(task_ids='{step}_plan', key='plan')['fingerprint'] }}}}", \
-                task_id
+            assert kwargs["plan_fingerprint"] == (
+                f"{{{{ ti.xcom_pull(task_ids='{step}_plan', key='plan')['fingerprint'] "
+                "| verbatim }}"), task_id
 
 
 def test_detection_reads_the_production_model_unless_asked_for_the_candidate(dag):

@@ -77,6 +77,85 @@ def test_cleared_optional_params_are_unset_in_the_tasks(dag, trigger_params, tmp
         assert train.resolved_config() == TrainConfig(), repr(cleared)
 
 
+class _TI:
+    """The ``ti`` a template's ``xcom_pull`` reads: every step's result and plan."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def xcom_pull(self, task_ids: str, key: str = "return_value"):
+        return {"uri": self.text, "fingerprint": self.text, "model_uri": self.text}
+
+
+FREE_TEXTS = ("source", "aws_conn_id", "extra_data", "preset", "train_config_file",
+              "detect_images")
+# texts that read as Python literals: native rendering evaluated them (2024.1, 20240601, ...)
+LITERAL_LOOKING = ["2024.10", "2024_06_01", "1e3", "0x10", "True", "[1]", "'q'",
+                   "12345678901234567890"]
+
+
+@pytest.mark.parametrize("text", LITERAL_LOOKING)
+def test_texts_reach_the_tasks_as_typed_even_when_they_read_as_numbers(dag, trigger_params,
+                                                                       text):
+    """A prefix named ``2024.10`` stays ``"2024.10"`` (rendered bare it became the float
+    2024.1: another prefix, read without a word); so do a preset, a config file, a source, a
+    connection id, and whatever the tasks pull from XCom (a fingerprint may be all digits)."""
+    params = _validated(trigger_params, {"extra_data": text, "detect_images": text,
+                                         "preset": text, "train_config_file": text,
+                                         "source": text, "aws_conn_id": text,
+                                         "detect_with": "candidate"})
+    context = {"params": params, "ti": _TI(text)}
+    env = dag.get_template_env()
+
+    def is_text(template) -> bool:  # a free text param's template, or one reading XCom
+        return isinstance(template, str) and "{{" in template and (
+            "xcom_pull" in template or any(f"params.{n} " in template for n in FREE_TEXTS))
+
+    texts = {}
+    for task in dag.tasks:
+        kwargs = task.partial_kwargs if task.is_mapped else vars(task)
+        for field in task.template_fields:
+            value = kwargs.get(field)
+            pairs = value.items() if isinstance(value, dict) else [(None, value)]
+            for k, template in pairs:
+                if is_text(template):
+                    name = f"{task.task_id}.{field}" + (f".{k}" if k else "")
+                    texts[name] = task.render_template(template, context, env)
+    assert all(v == text for v in texts.values()), {k: v for k, v in texts.items() if v != text}
+    for name in ("download.source", "download.aws_conn_id", "train.config.preset",
+                 "train.config_file", "tfrecords_plan.config.extra_data",
+                 "detect_plan.images", "detect_plan.model_uri", "detect_shards.model_uri",
+                 "tfrecords_gather.plan_fingerprint", "detect_gather.plan_fingerprint",
+                 "export.training_uri"):
+        assert name in texts, name
+
+
+@pytest.mark.parametrize("conf", [{"store_root": "s3://petdet/petdet "},
+                                  {"store_root": " /data/petdet"},
+                                  {"store_root": "/data/petdet\n"},
+                                  {"store_root": "file:///data/petdet\t"},
+                                  {"source": " "}, {"source": "/data/pets "}],
+                         ids=["s3-trailing", "leading", "newline", "file-tab", "blank",
+                              "source-trailing"])
+def test_a_root_or_source_with_surrounding_space_is_refused_by_the_form(trigger_params, conf):
+    """A pasted ``"s3://petdet/petdet "`` would name another store: a fresh download,
+    retraining and a second registry, without a word."""
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    with pytest.raises(ParamValidationError):
+        _validated(trigger_params, conf)
+
+
+@pytest.mark.parametrize("conf", [{"store_root": "s3://petdet/petdet"},
+                                  {"store_root": "s3://petdet/"}, {"store_root": "s3://petdet"},
+                                  {"store_root": "/data/my store"},
+                                  {"store_root": "file:///data/x"},
+                                  {"source": "https://example.org/pets/"},
+                                  {"source": "/data/my pets"}, {"source": "x"}])
+def test_roots_and_sources_with_inner_spaces_are_accepted(trigger_params, conf):
+    assert _validated(trigger_params, conf)[next(iter(conf))] == next(iter(conf.values()))
+
+
 @pytest.mark.parametrize("cleared", [None, "", "None"], ids=["null", "empty", "None"])
 def test_a_cleared_aws_connection_means_the_workers_aws_environment(dag, seaweed, monkeypatch,
                                                                     cleared):
@@ -168,6 +247,36 @@ def test_form_values_override_the_training_config_file(dag, trigger_params, tmp_
     cfg = _train_op(dag, trigger_params, {"train_config_file": str(path), "num_steps": 700},
                     tmp_path).resolved_config()
     assert (cfg.num_steps, cfg.batch_size, cfg.image_size) == (700, 24, 640)
+
+
+def test_the_training_config_log_line_shows_no_credentials(dag, trigger_params, tmp_path,
+                                                           capfd, caplog):
+    op = _train_op(dag, trigger_params,
+                   {"preset": "s3://AKIAEXAMPLE:wJalrSECRETKEY@other-bucket/presets/x"},
+                   tmp_path)
+    with caplog.at_level("INFO"), pytest.raises(Exception) as e:  # no such records: fails
+        op.execute({"run_id": "manual__1"})
+    out = capfd.readouterr()
+    seen = out.out + out.err + caplog.text  # the task logger (structlog) writes to stdout
+    assert "training config:" in seen and "***@other-bucket" in seen, seen
+    assert "SECRETKEY" not in seen + str(e.value)
+
+
+def test_whole_number_floats_from_an_api_client_are_the_integers_they_are(dag, trigger_params,
+                                                                         tmp_path):
+    """JSON Schema's ``integer`` admits 8.0 (a REST client may send it): the form takes it, so
+    train must too, not fail with a ConfigError after download and tfrecords ran."""
+    conf = {"num_steps": 100.0, "batch_size": 8.0, "image_size": 256.0,
+            "checkpoint_every_n": 50.0}
+    cfg = _train_op(dag, trigger_params, conf, tmp_path).resolved_config()
+    assert (cfg.num_steps, cfg.batch_size, cfg.image_size, cfg.checkpoint_every_n) == (
+        100, 8, 256, 50)
+    assert all(type(v) is int for v in (cfg.num_steps, cfg.batch_size, cfg.image_size,
+                                        cfg.checkpoint_every_n))
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    with pytest.raises(ParamValidationError):  # a fraction is still refused by the form
+        _validated(trigger_params, {"batch_size": 8.5})
 
 
 def test_od_api_pipeline_config_is_not_overridden_by_form_defaults(dag, trigger_params,
