@@ -141,7 +141,7 @@ from petdet_tasks.manifest import (
     save_plan_record,
 )
 from petdet_tasks.registry import production_model_uri, read_production
-from petdet_tasks.store import FileEntry, NotFound, Store, StoreError, _check_key
+from petdet_tasks.store import FileEntry, NotFound, Store, StoreError, _check_key, _redact
 
 log = logging.getLogger(__name__)
 
@@ -470,8 +470,8 @@ def _resolve_images(store: Store, images: str) -> tuple[str, str | Path]:
     if s == root or s.startswith(root + "/"):
         prefix = s[len(root):].strip("/")
     elif s.startswith("s3://") or "://" in s:
-        raise ConfigError(f"images {images!r} is not under the store root {store.root}: copy "
-                          "the images into the store, or pass a local folder")
+        raise ConfigError(f"images {_redact(images)!r} is not under the store root {store.root}: "
+                          "copy the images into the store, or pass a local folder")
     elif os.path.isabs(s) or s.startswith(("./", "../", "~")):
         path = Path(s).expanduser().resolve()
         if local_root is not None and (path == local_root or local_root in path.parents):
@@ -486,7 +486,7 @@ def _resolve_images(store: Store, images: str) -> tuple[str, str | Path]:
         if not any(True for _ in store.list(prefix + "/")) and Path(s).is_dir():
             return "local", Path(s).resolve()
     if not prefix or prefix == ".":
-        raise ConfigError(f"images {images!r} names the whole store: give the prefix that "
+        raise ConfigError(f"images {_redact(images)!r} names the whole store: give the prefix that "
                           "holds the images")
     return "store", prefix + "/"
 
@@ -534,7 +534,7 @@ def list_images(store: Store, model: StepResult, images: str | None) -> Listing:
             raise NoImagesToDetect(f"no images to detect on in the {where} {looked}; pass "
                                    "the images to detect on")
         # the option names an empty place: the same option would fail the same way again
-        raise ConfigError(f"images (--images, Airflow param detect_images) {images!r}: no "
+        raise ConfigError(f"images (--images, Airflow param detect_images) {_redact(images)!r}: no "
                           f"images to detect on in the {where} {looked}")
     if others:
         what = what[:-1] + f"; {_describe_not_images(not_images)})"

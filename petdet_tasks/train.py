@@ -40,7 +40,7 @@ from petdet_tasks import worker_cache
 from petdet_tasks.errors import ConfigError, PermanentError
 from petdet_tasks.layout import cache_root, fingerprint, step_prefix
 from petdet_tasks.manifest import StepResult, StepWriter, load_output, run_step
-from petdet_tasks.store import NotFound, Store, sha256_file
+from petdet_tasks.store import NotFound, Store, _redact, sha256_file
 from petdet_tasks.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -130,11 +130,12 @@ def _store_prefix(store: Store, preset: str) -> str | None:
         return preset[len(root):].rstrip("/") + "/"
     if "://" in preset:
         if preset.split("://", 1)[0].lower() in ("s3", "file"):
-            raise ConfigError(f"preset {preset} is not under the store root {store.root}")
+            raise ConfigError(f"preset {_redact(preset)} is not under the store root "
+                              f"{store.root}")
         return None  # kaggle://, hf://, ...: keras-hub fetches it
     if preset.startswith(("/", ".", "~")):
         raise ConfigError(
-            f"preset {preset!r} is neither a local directory nor a prefix in the store "
+            f"preset {_redact(preset)!r} is neither a local directory nor a prefix in the store "
             f"{store.root}; give a directory holding a keras-hub preset, a store prefix, a "
             "keras-hub preset name or a kaggle:// / hf:// handle")
     return None  # a keras-hub preset name

@@ -158,6 +158,17 @@ def test_gif_bmp_webp_are_taken_and_every_other_file_is_counted(tmp_path):
     assert not_images2 == not_images
 
 
+def test_credentials_in_the_images_argument_never_reach_a_message(tmp_path):
+    """The README's promise (URLs with user:password@ are redacted in messages) holds for
+    detect's images too: the message becomes the Airflow task's failure and log line."""
+    store = LocalStore(tmp_path / "store")
+    for images in ("s3://AKIAEXAMPLE:wJalrSECRETKEY@other-bucket/imgs",
+                   "https://user:wJalrSECRETKEY@host/imgs"):
+        with pytest.raises(PermanentError, match="not under the store root") as e:
+            det.list_images(store, None, images)
+        assert "SECRETKEY" not in str(e.value) and "***@" in str(e.value), str(e.value)
+
+
 def test_a_listed_key_the_store_cannot_read_is_a_failure_not_a_failed_shard(tmp_path):
     """S3 (not SeaweedFS) accepts keys like ``a//b.jpg`` or ``a/../b.jpg`` that petdet's store
     refuses to read: such an image is an unreadable input with a failure record, planned as

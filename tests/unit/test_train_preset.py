@@ -75,6 +75,15 @@ def test_a_preset_that_names_nothing_is_a_config_error(tmp_path):
             resolve_preset(store, preset, tmp_path / "cache")
 
 
+def test_credentials_in_a_preset_never_reach_the_message(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    for preset in ("s3://AKIAEXAMPLE:wJalrSECRETKEY@another-bucket/presets/x",
+                   "file://user:wJalrSECRETKEY@host/presets/x"):
+        with pytest.raises(ConfigError) as e:
+            preset_identity(store, preset)
+        assert "SECRETKEY" not in str(e.value) and "***@" in str(e.value), str(e.value)
+
+
 def _metadata(saved: str, params: int = 1234) -> bytes:
     # what keras-hub's save_to_preset writes (preset_utils.py: "date_saved" is the save time)
     return json.dumps({"keras_version": "3.15.1", "keras_hub_version": "0.32.0",
