@@ -21,10 +21,13 @@ is a cache hit that downloads and uploads nothing.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,8 +44,9 @@ from petdet_tasks.fetch import (
 # DatasetLayoutError and decode_list_file live in layout (light: the tfrecords plan uses them)
 from petdet_tasks.layout import DatasetLayoutError, cache_root, decode_list_file, fingerprint
 from petdet_tasks.manifest import StepResult, StepWriter, run_step
-from petdet_tasks.safe_tar import safe_extract
+from petdet_tasks.safe_tar import UnsafeArchiveError, existing_links, safe_extract
 from petdet_tasks.store import Store, sha256_file
+from petdet_tasks.worker_cache import _open_lock, _size
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +135,113 @@ def read_list_file(path: Path, where: str) -> str:
     return decode_list_file(path.read_bytes(), where)
 
 
+EXTRACT_PREFIX = "extract-"
+
+
+def _lock_of(work: Path) -> Path:
+    return work.with_name(work.name + ".lock")
+
+
+@contextlib.contextmanager
+def _extract_dir(cache: Path) -> Iterator[Path]:
+    """A fresh ``extract-XXXX`` folder in ``cache``, removed when the block ends. Held for the
+    block by an exclusive ``flock`` on ``extract-XXXX.lock`` beside it (released by the kernel
+    if the process dies), taken before the folder exists, so that :func:`_remove_stale_extracts`
+    in another download never removes it while in use, and does remove it once its process
+    was killed."""
+    while True:
+        fd, lock_name = tempfile.mkstemp(prefix=EXTRACT_PREFIX, suffix=".lock", dir=cache)
+        lock = Path(lock_name)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if _same_file(fd, lock):
+            break
+        os.close(fd)  # a sweep took it for a killed download's before we locked it: again
+    try:
+        work = lock.with_name(lock.name.removesuffix(".lock"))
+        work.mkdir()
+        try:
+            yield work
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == path.stat().st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _remove_stale_extracts(cache: Path) -> None:
+    """Remove the ``extract-*`` folders (and lock files) that no live download holds: those of
+    a download killed mid-extraction (a full copy of the dataset each, ~800 MB on the real
+    data), which its own clean-up never ran for. Housekeeping: it never fails the step."""
+    try:
+        found = sorted(cache.glob(EXTRACT_PREFIX + "*"))
+    except OSError as e:
+        log.warning("could not list %s for stale extraction folders: %s", cache, e)
+        return
+    for path in found:
+        is_lock = path.name.endswith(".lock")
+        work = path.with_name(path.name.removesuffix(".lock")) if is_lock else path
+        if is_lock and (work.exists() or not path.exists()):
+            continue  # listed with its folder (and removed with it)
+        lock = _lock_of(work)
+        try:
+            fd = _open_lock(lock)
+        except OSError as e:
+            log.warning("stale extraction folder %s: cannot open its lock %s: %s", work, lock, e)
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a running download's
+            if not _same_file(fd, lock):
+                continue  # removed (and perhaps made again) meanwhile: not the file we locked
+            if work.is_dir() and not work.is_symlink():
+                size = _size(work)
+                shutil.rmtree(work, ignore_errors=True)
+                if work.exists():
+                    log.warning("could not remove the stale extraction folder %s", work)
+                    continue
+                log.info("removed the stale extraction folder %s (%.1f MB) left by a download "
+                         "that was killed", work, size / 1e6)
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+        except OSError as e:
+            log.warning("could not remove the stale extraction folder %s: %s", work, e)
+        finally:
+            os.close(fd)
+
+
+def _check_links(work: Path, added: dict[str, Path]) -> None:
+    """Symlinks in the extracted tree must lead to files. The store holds no links: the upload
+    copies the file a link leads to, but does not descend into a linked folder, so its files
+    would be counted here and missing from the dataset (and a dangling link is dropped).
+    ``added``: each symlink's name → the archive it came from."""
+    for name, archive in sorted(added.items()):
+        path = work / name
+        if path.is_file():
+            continue
+        target = os.readlink(path)
+        what = ("a symlink to a directory" if path.is_dir()
+                else "a symlink that leads to no file in the archives")
+        raise UnsafeArchiveError(
+            archive, name,
+            f"{what} (-> {target!r}): the dataset is stored without links, so what it "
+            "names would be missing from the store; only symlinks to files are accepted")
+
+
 def _count_layout(root: Path) -> dict[str, int]:
+    """The dataset's counts, of exactly what the upload stores: regular files, or links to
+    them (see :func:`_check_links`); never a folder that happens to end in ``.jpg``."""
     missing = [p for p in REQUIRED if not (root / p).is_file()]
-    images = sorted((root / "images").glob("*.jpg")) if (root / "images").is_dir() else []
+    images = (sorted(p for p in (root / "images").glob("*.jpg") if p.is_file())
+              if (root / "images").is_dir() else [])
     if missing or not images:
         what = ", ".join(missing + ([] if images else ["images/*.jpg"]))
         raise DatasetLayoutError(
@@ -147,7 +255,8 @@ def _count_layout(root: Path) -> dict[str, int]:
 
     def count(folder: str, pattern: str) -> int:
         d = root / folder
-        return sum(1 for p in d.glob(pattern) if not p.name.startswith("._")) if d.is_dir() else 0
+        return sum(1 for p in d.glob(pattern)
+                   if not p.name.startswith("._") and p.is_file()) if d.is_dir() else 0
 
     return {
         "images": len(images),
@@ -164,6 +273,7 @@ def download(store: Store, cfg: DownloadConfig = DownloadConfig(), *,
     """Run the download step (module doc); returns the committed (or cached) output."""
     cache = cfg.resolved_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
+    _remove_stale_extracts(cache)
     expected, how = expected_digests(cfg.source)
     source = redact_url(cfg.source)
     log.info("source %s; archive digests: %s", source, how)
@@ -194,16 +304,17 @@ def download(store: Store, cfg: DownloadConfig = DownloadConfig(), *,
                 path, sha = _fetch_archive(cfg, cache, name, size, sha)
                 fetched[name] = path
             archives[name] = {"size": path.stat().st_size, "sha256": sha}
-        work = Path(tempfile.mkdtemp(prefix="extract-", dir=cache))
-        try:
+        with _extract_dir(cache) as work:
+            links: dict[str, Path] = {}
             for name in ARCHIVES:
-                n = len(safe_extract(fetched[name], work))
+                # refuse_existing: a path in both archives would replace the first one's file
+                n = len(safe_extract(fetched[name], work, refuse_existing=True))
+                links.update({k: fetched[name] for k in existing_links(work) if k not in links})
                 log.info("%s: %d files extracted safely", name, n)
+            _check_links(work, links)
             counts = _count_layout(work)
             log.info("dataset layout: %s", counts)
             uploaded = writer.put_tree(work, workers=cfg.upload_workers)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
         return {**counts, "files": uploaded, "archives": archives, "source": source,
                 "digests": how}
 

@@ -8,6 +8,16 @@ every symlink of the archive is substituted while walking a path, so chains such
 ``deep -> .`` followed by ``deep/dir/link -> ../../x`` (lexically inside, physically outside)
 are refused. This also covers the ``filter="data"`` bypasses that affect older CPython
 releases (such as the 3.11.7 this project pins).
+
+Two more things are checked before anything is written, and again while writing:
+
+* the whole archive is read: ``tarfile`` takes a damaged header after the first member for the
+  end of the archive, so everything after the last member it read must be zero blocks (the
+  end-of-archive marker and its padding), or the archive is refused as damaged rather than
+  extracted short;
+* the extracted size is capped (:func:`default_max_bytes`): sparse members are refused, the
+  members' sizes are added up from the headers before extraction, and the bytes actually
+  written are added up again as extraction goes.
 """
 
 from __future__ import annotations
@@ -19,10 +29,25 @@ from pathlib import Path, PurePosixPath
 
 from petdet_tasks.errors import PermanentError
 
-__all__ = ["NotATarArchive", "UnsafeArchiveError", "check_members", "safe_extract"]
+__all__ = ["ArchiveTooLarge", "DamagedArchive", "NotATarArchive", "UnsafeArchiveError",
+           "check_members", "default_max_bytes", "existing_links", "safe_extract"]
 
 #: Maximum number of symlinks followed while resolving one path (Linux uses 40).
 MAX_SYMLINK_HOPS = 40
+
+# The cap on what one archive may extract to: MAX_RATIO times the archive file's size, but at
+# least MIN_MAX_BYTES. A ratio rather than one absolute number: the step takes any dataset laid
+# out like Oxford-IIIT Pet, so a fixed cap would either refuse a bigger real dataset or be far
+# too loose for a small one. The ratio bounds what a compression bomb can make of a given
+# download (deflate alone reaches ~1000x on zeros; a 291 KB .tar.gz made 300 MB), while real
+# data sits far below it: a plain tar (the official archives) extracts to less than its own
+# size, and JPEG/PNG barely compress; only text (lists, XML) reaches ~10-20x. The floor keeps
+# small, highly compressible archives (a few XML files, test fixtures) from being refused;
+# 64 MiB is harmless on any worker's disk. Callers may pass their own ``max_bytes``.
+MAX_RATIO = 50
+MIN_MAX_BYTES = 64 * 2**20
+
+_ZEROS = bytes(2**20)  # what follows the last member is compared to this, 1 MiB at a time
 
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
@@ -44,6 +69,26 @@ class UnsafeArchiveError(PermanentError, ValueError):
 
 class NotATarArchive(tarfile.ReadError):
     """The file is not a readable tar archive (or is truncated/corrupt); the message names it."""
+
+
+class DamagedArchive(NotATarArchive, PermanentError):
+    """The archive reads as tar up to some member, then holds data that is not a tar header nor
+    the end-of-archive marker (a damaged header, or something appended): ``tarfile`` would stop
+    there silently. The message names the archive, the last good member and the offset."""
+
+
+class ArchiveTooLarge(UnsafeArchiveError):
+    """The archive would extract to more than its cap (:func:`default_max_bytes`); the message
+    names the archive, the member that crosses it and the figures."""
+
+
+def default_max_bytes(tar_path: str | os.PathLike) -> int:
+    """The default cap on the bytes one archive may extract to (see ``MAX_RATIO``)."""
+    return max(MIN_MAX_BYTES, MAX_RATIO * os.path.getsize(tar_path))
+
+
+def _gb(n: int) -> str:
+    return f"{n:,} bytes ({n / 1e9:.3g} GB)" if n >= 10**7 else f"{n:,} bytes"
 
 
 class _Escape(Exception):
@@ -104,9 +149,10 @@ def _resolve(start: list[str], target: str, links: dict[str, str], hops: list[in
     return parts
 
 
-def _existing_links(dest: Path) -> dict[str, str]:
+def existing_links(dest: str | os.PathLike) -> dict[str, str]:
     """Symlinks already under ``dest`` (relative POSIX name -> target), not following any."""
     found: dict[str, str] = {}
+    dest = Path(dest)
     if not dest.is_dir():
         return found
     for dirpath, dirnames, filenames in os.walk(dest):
@@ -117,15 +163,76 @@ def _existing_links(dest: Path) -> dict[str, str]:
     return found
 
 
+def _read_members(tf: tarfile.TarFile, archive: str | os.PathLike,
+                  max_bytes: int) -> list[tarfile.TarInfo]:
+    """Every member, read one header at a time so that sparse members and a size over
+    ``max_bytes`` are refused before tarfile reads (decompresses) past them; then check that
+    nothing but zero blocks follows the last member."""
+    members: list[tarfile.TarInfo] = []
+    total = 0
+    try:
+        while (m := tf.next()) is not None:
+            members.append(m)
+            if m.issparse():
+                raise UnsafeArchiveError(
+                    archive, m.name,
+                    f"sparse file (apparent size {_gb(m.size)}): sparse members are not "
+                    "supported (they can expand far beyond the archive)")
+            if m.isreg():
+                total += m.size
+                if total > max_bytes:
+                    raise ArchiveTooLarge(
+                        archive, m.name,
+                        f"the archive would extract to more than its cap of {_gb(max_bytes)} "
+                        f"(this member: {_gb(m.size)}; members so far: {_gb(total)}; archive "
+                        f"file: {_gb(os.path.getsize(archive))}; the cap is {MAX_RATIO}x the "
+                        f"archive's size, at least {_gb(MIN_MAX_BYTES)})")
+        _check_end(tf, archive, members, max_bytes)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        if isinstance(exc, NotATarArchive):
+            raise
+        raise NotATarArchive(f"{os.fspath(archive)}: corrupt or truncated archive: {exc}") from exc
+    return members
+
+
+def _check_end(tf: tarfile.TarFile, archive: str | os.PathLike,
+               members: list[tarfile.TarInfo], max_bytes: int) -> None:
+    """Refuse anything but zero bytes from the end of the last member (``tf.offset``) to the end
+    of the (decompressed) archive: tarfile reads an invalid header after the first as the end of
+    the archive and would drop every member after it. Streams in 1 MiB reads."""
+    end = tf.offset
+    fileobj = tf.fileobj
+    last = members[-1].name if members else "the start of the archive"
+    # tarfile last read the 512-byte block at ``end``; a compressed stream seeks back within
+    # its read buffer, a plain file seeks at no cost
+    fileobj.seek(end)
+    seen = 0
+    while chunk := fileobj.read(len(_ZEROS)):
+        if chunk != _ZEROS[:len(chunk)]:
+            at = end + seen + len(chunk) - len(chunk.lstrip(b"\0"))
+            raise DamagedArchive(
+                f"{os.fspath(archive)}: damaged or not a tar archive after member "
+                f"{len(members)} ({last!r}): non-zero data at offset {at:,} (byte "
+                f"{at - end:,} after the end of that member) where only the end-of-archive "
+                "marker (zero blocks) may follow; tarfile would silently stop there and drop "
+                "the rest")
+        seen += len(chunk)
+        if seen > max(max_bytes, MIN_MAX_BYTES):  # a bomb of zeros after the end
+            raise ArchiveTooLarge(
+                archive, last,
+                f"more than {_gb(max(max_bytes, MIN_MAX_BYTES))} of zero padding after this "
+                "last member")
+
+
 def _validate(
     tf: tarfile.TarFile,
     archive: str | os.PathLike,
     existing_links: dict[str, str] | None = None,
+    max_bytes: int | None = None,
+    dest: Path | None = None,
 ) -> list[tarfile.TarInfo]:
-    try:
-        members = tf.getmembers()
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise NotATarArchive(f"{os.fspath(archive)}: corrupt or truncated archive: {exc}") from exc
+    members = _read_members(
+        tf, archive, default_max_bytes(archive) if max_bytes is None else max_bytes)
 
     archive_size = None
     with open(archive, "rb") as f:
@@ -202,6 +309,8 @@ def _validate(
             used_as_dir.update("/".join(parts[:i]) for i in range(1, len(parts)))
             if not m.issym():
                 _claim(archive, m, parent + parts[-1:], kinds)
+            if dest is not None:
+                _refuse_existing(archive, m, dest, parent + parts[-1:])
         if m.issym():
             try:
                 _resolve(parent, m.linkname, links, [0])
@@ -250,7 +359,25 @@ def _claim(archive: str | os.PathLike, m: tarfile.TarInfo, path: list[str],
     kinds[full] = kind
 
 
-def check_members(tar_path: str | os.PathLike) -> list[tarfile.TarInfo]:
+def _refuse_existing(archive: str | os.PathLike, m: tarfile.TarInfo, dest: Path,
+                     path: list[str]) -> None:
+    """Refuse a member whose (resolved) path already exists under ``dest`` (put there by
+    another archive): tarfile would replace it. A directory may be shared."""
+    target = dest.joinpath(*path)
+    if m.isdir() and (target.is_dir() and not target.is_symlink()):
+        return
+    if not os.path.lexists(target):
+        return
+    what = ("a directory" if target.is_dir() and not target.is_symlink()
+            else "a symlink" if target.is_symlink() else "a file")
+    raise UnsafeArchiveError(
+        archive, m.name,
+        f"{'/'.join(path)!r} is already {what} in the destination, from another archive "
+        "extracted there: it would be replaced")
+
+
+def check_members(tar_path: str | os.PathLike, *,
+                  max_bytes: int | None = None) -> list[tarfile.TarInfo]:
     """Validate every member of ``tar_path`` without writing anything; return them in order.
 
     Raises :class:`UnsafeArchiveError` (naming the member and the reason) for: absolute
@@ -261,14 +388,19 @@ def check_members(tar_path: str | os.PathLike) -> list[tarfile.TarInfo]:
     file or hard link: tarfile would replace the first or write through the link), or as both
     a file and a directory, or as a symlink after other members were put under it; hard links
     whose target is not an earlier regular-file member; character/block devices, FIFOs and
-    any other type that is not a regular file, directory, symlink or hard link. Raises
-    :class:`NotATarArchive` for a file that is not a (complete) tar archive.
+    any other type that is not a regular file, directory, symlink or hard link; sparse
+    members. Raises :class:`ArchiveTooLarge` (an :class:`UnsafeArchiveError`) when the regular
+    members add up to more than ``max_bytes`` (default :func:`default_max_bytes`). Raises
+    :class:`NotATarArchive` for a file that is not a (complete) tar archive, and its subclass
+    :class:`DamagedArchive` when anything but zero blocks follows the last member tarfile
+    could read (a damaged header mid-archive, which tarfile alone takes for the end).
     """
     with _open(tar_path) as tf:
-        return _validate(tf, tar_path)
+        return _validate(tf, tar_path, max_bytes=max_bytes)
 
 
-def safe_extract(tar_path: str | os.PathLike, dest_dir: str | os.PathLike) -> list[str]:
+def safe_extract(tar_path: str | os.PathLike, dest_dir: str | os.PathLike, *,
+                 max_bytes: int | None = None, refuse_existing: bool = False) -> list[str]:
     """Validate the whole archive, then extract it into ``dest_dir`` (created if missing).
 
     Nothing is written unless every member passes :func:`check_members`, with the symlinks
@@ -280,15 +412,26 @@ def safe_extract(tar_path: str | os.PathLike, dest_dir: str | os.PathLike) -> li
     ``dest_dir`` in POSIX form without ``./``, of the regular files written (hard links
     included), in archive order without duplicates.
 
+    ``max_bytes`` caps what the archive may extract to (default :func:`default_max_bytes`):
+    checked from the headers before anything is written and again, from the files written, as
+    extraction goes (:class:`ArchiveTooLarge`). With ``refuse_existing``, a member whose path
+    already exists in ``dest_dir`` (other than a directory that both share) is refused before
+    anything is written, instead of replaced: for several archives extracted into one folder.
+
     An archive that fails mid-way (e.g. a truncated gzip stream) raises and may leave the
     files extracted so far; extract into a fresh directory when that matters.
     """
     dest = Path(dest_dir)
+    cap = default_max_bytes(tar_path) if max_bytes is None else max_bytes
     with _open(tar_path) as tf:
-        members = _validate(tf, tar_path, _existing_links(dest))
+        members = _validate(tf, tar_path, existing_links(dest), cap,
+                            dest if refuse_existing else None)
         dest.mkdir(parents=True, exist_ok=True)
+        written = _WrittenBytes(tar_path, cap)
         try:
-            tf.extractall(dest, members=members, filter="data")
+            # members validated above; the filter is tarfile.data_filter plus the size count
+            tf.extractall(dest, members=members, filter=written)  # noqa: S202
+            written.finish()
         except (tarfile.ReadError, EOFError) as exc:
             raise NotATarArchive(
                 f"{os.fspath(tar_path)}: corrupt or truncated archive: {exc}"
@@ -298,3 +441,40 @@ def safe_extract(tar_path: str | os.PathLike, dest_dir: str | os.PathLike) -> li
         if m.isreg() or m.islnk():
             names[str(PurePosixPath(*_components(tar_path, m.name, m.name, "name")))] = None
     return list(names)
+
+
+class _WrittenBytes:
+    """tarfile's ``data`` filter, which also adds up the bytes each regular file took on disk
+    once written (tarfile calls the filter for a member after writing the one before) and
+    refuses to go on past the cap: the headers were checked before extraction, this checks
+    what was written, whatever a header said."""
+
+    def __init__(self, archive: str | os.PathLike, cap: int):
+        self.archive, self.cap = archive, cap
+        self.total = 0
+        self.last: tuple[str, str] | None = None  # (member name, path) of the last file
+
+    def _count_last(self) -> None:
+        if self.last is None:
+            return
+        name, path = self.last
+        self.last = None
+        try:
+            self.total += os.lstat(path).st_size
+        except FileNotFoundError:
+            return
+        if self.total > self.cap:
+            raise ArchiveTooLarge(
+                self.archive, name,
+                f"the files written so far take {_gb(self.total)}, over the archive's cap of "
+                f"{_gb(self.cap)}: extraction stopped")
+
+    def __call__(self, member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+        self._count_last()
+        filtered = tarfile.data_filter(member, path)
+        if filtered is not None and filtered.isreg():
+            self.last = (member.name, os.path.join(path, filtered.name))
+        return filtered
+
+    def finish(self) -> None:
+        self._count_last()

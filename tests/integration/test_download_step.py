@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -22,9 +24,10 @@ from petdet_tasks.download import (
     download,
     expected_digests,
 )
+from petdet_tasks.errors import PermanentError
 from petdet_tasks.fetch import ChecksumMismatch
-from petdet_tasks.safe_tar import UnsafeArchiveError
-from petdet_tasks.store import sha256_file
+from petdet_tasks.safe_tar import DamagedArchive, UnsafeArchiveError
+from petdet_tasks.store import LocalStore, sha256_file
 from tests.support.http_server import serve_directory
 
 
@@ -153,7 +156,7 @@ def test_archives_without_the_pets_layout_are_refused(store, tmp_path):
     src.mkdir()
     for name in ARCHIVES:
         with tarfile.open(src / name, "w") as tf:
-            info = tarfile.TarInfo("readme.txt")
+            info = tarfile.TarInfo(f"readme-{name}.txt")  # one name in both would be refused
             info.size = 2
             tf.addfile(info, io.BytesIO(b"hi"))
     with pytest.raises(DatasetLayoutError, match="annotations/list.txt"):
@@ -253,3 +256,144 @@ def test_a_list_file_that_is_not_utf8_is_a_layout_error_naming_file_and_line(
     msg = str(info.value)
     assert "annotations/test.txt" in msg and "line 3" in msg and "UTF-8" in msg, msg
     assert _datasets(store) == []
+
+
+def _rewrite(path: Path, edit) -> None:
+    """Rebuild the plain tar at ``path`` with ``edit(member, data)`` → the (TarInfo, data or
+    None) pairs to write for each member."""
+    with tarfile.open(path) as tf_:
+        members = [(m, tf_.extractfile(m).read() if m.isfile() else None)
+                   for m in tf_.getmembers()]
+    with tarfile.open(path, "w") as out:
+        for m, data in members:
+            for info, new in edit(m, data):
+                out.addfile(info, None if new is None else io.BytesIO(new))
+
+
+def test_a_damaged_header_mid_archive_commits_nothing(store, sample_archives, tmp_path):
+    # tarfile takes an invalid header after the first for the end of the archive: without the
+    # check the download extracted half the images and committed them (exit 0)
+    src = _copy_sample(sample_archives, tmp_path / "mirror", sums=False)
+    path = src / "images.tar.gz"
+    with tarfile.open(path) as tf_:
+        members = tf_.getmembers()
+    middle = members[len(members) // 2]
+    data = bytearray(path.read_bytes())
+    data[middle.offset + 148:middle.offset + 153] = b"99999"  # its header's checksum field
+    path.write_bytes(bytes(data))
+    with pytest.raises(DamagedArchive) as info:
+        download(store, DownloadConfig(source=str(src), cache_dir=str(tmp_path / "cache")))
+    msg = str(info.value)
+    assert "images.tar.gz" in msg and f"after member {len(members) // 2}" in msg, msg
+    assert f"offset {middle.offset:,}" in msg, msg
+    assert isinstance(info.value, PermanentError)
+    assert _datasets(store) == []
+    assert list((tmp_path / "cache" / "downloads").glob("extract-*")) == []
+
+
+def test_a_path_in_both_archives_is_refused(store, sample_archives, tmp_path):
+    # annotations.tar.gz must not replace a file of images.tar.gz (extracted into one folder)
+    src = _copy_sample(sample_archives, tmp_path / "mirror", sums=False)
+    with tarfile.open(src / "images.tar.gz") as tf_:
+        image = next(m.name for m in tf_.getmembers() if m.isfile())
+
+    def add_forged_image(name, data):
+        yield name, data
+        if name.endswith("annotations/list.txt"):
+            yield image, b"FORGED"
+
+    _rewrite_annotations(src, add_forged_image)
+    with pytest.raises(UnsafeArchiveError, match="already a file in the destination") as info:
+        download(store, DownloadConfig(source=str(src), cache_dir=str(tmp_path / "cache")))
+    assert info.value.member == image and "annotations.tar.gz" in str(info.value)
+    assert isinstance(info.value, PermanentError)
+    assert _datasets(store) == []
+
+
+def test_a_symlinked_folder_is_refused_so_counts_match_the_manifest(store, sample_archives,
+                                                                   tmp_path):
+    # images -> imgs: counted through the link, but the upload does not descend into linked
+    # folders (the output said images 72, the manifest held none): refused
+    src = _copy_sample(sample_archives, tmp_path / "mirror", sums=False)
+
+    def move_images(m, data):
+        m.name = "imgs" + m.name[len("images"):]
+        yield m, data
+        if m.name == "imgs":
+            link = tarfile.TarInfo("images")
+            link.type, link.linkname = tarfile.SYMTYPE, "imgs"
+            yield link, None
+
+    _rewrite(src / "images.tar.gz", move_images)
+    with pytest.raises(UnsafeArchiveError, match="a symlink to a directory") as info:
+        download(store, DownloadConfig(source=str(src), cache_dir=str(tmp_path / "cache")))
+    assert info.value.member == "images" and "images.tar.gz" in str(info.value)
+    assert _datasets(store) == []
+
+
+def test_symlinks_to_files_are_counted_as_uploaded(store, sample_archives, tmp_path):
+    src = _copy_sample(sample_archives, tmp_path / "mirror", sums=False)
+    _, summary = sample_archives
+
+    def add_links(m, data):
+        yield m, data
+        if m.isfile() and m.name.endswith(".jpg") and not hasattr(add_links, "done"):
+            add_links.done = True
+            link = tarfile.TarInfo("images/zz_link_1.jpg")
+            link.type, link.linkname = tarfile.SYMTYPE, m.name.rpartition("/")[2]
+            yield link, None
+            folder = tarfile.TarInfo("images/zz_folder.jpg")  # a folder is not an image
+            folder.type = tarfile.DIRTYPE
+            yield folder, None
+
+    _rewrite(src / "images.tar.gz", add_links)
+    result = download(store, DownloadConfig(source=str(src), cache_dir=str(tmp_path / "cache")))
+    files = result.manifest["files"]
+    stored = sum(k.startswith("images/") and k.endswith(".jpg") for k in files)
+    assert result.outputs["images"] == stored == summary["images"] + 1
+    assert result.outputs["files"] == len(files)
+
+
+def test_a_killed_download_leaves_no_extraction_folder_behind(sample_archives, tmp_path, caplog):
+    src = _copy_sample(sample_archives, tmp_path / "mirror")
+    cache = tmp_path / "cache"
+    downloads = cache / "downloads"
+    # a download killed (SIGKILL: no clean-up runs) once the dataset is extracted
+    script = (
+        "import sys, time\n"
+        "import petdet_tasks.download as d\n"
+        "def stop(root):\n"
+        "    print('extracted', flush=True); time.sleep(600)\n"
+        "d._count_layout = stop\n"
+        "from petdet_tasks.store import LocalStore\n"
+        "d.download(LocalStore(sys.argv[1]), d.DownloadConfig(source=sys.argv[2],"
+        " cache_dir=sys.argv[3]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "killed-store"),
+                             str(src), str(cache)], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert proc.stdout.readline().strip() == "extracted"
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    left = [p for p in downloads.glob("extract-*") if p.is_dir()]
+    assert len(left) == 1 and (left[0] / "annotations" / "list.txt").is_file()
+    # one a running download holds (its lock taken) is not touched
+    live = downloads / "extract-live"
+    (live / "x").mkdir(parents=True)
+    fd = os.open(downloads / "extract-live.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        caplog.set_level(logging.INFO)
+        result = download(LocalStore(tmp_path / "store"),
+                          DownloadConfig(source=str(src), cache_dir=str(cache)))
+        assert not result.cache_hit
+        assert sorted(p.name for p in downloads.glob("extract-*")) == [
+            "extract-live", "extract-live.lock"]
+    finally:
+        os.close(fd)
+    removed = [r.getMessage() for r in caplog.records if "stale extraction" in r.getMessage()]
+    assert len(removed) == 1 and str(left[0]) in removed[0] and " MB)" in removed[0], removed
+    # ... and once released, the next download removes it
+    download(LocalStore(tmp_path / "store"), DownloadConfig(source=str(src), cache_dir=str(cache)))
+    assert list(downloads.glob("extract-*")) == []

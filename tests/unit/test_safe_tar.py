@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import stat
@@ -9,10 +10,16 @@ import tarfile
 
 import pytest
 
+from petdet_tasks import safe_tar
+from petdet_tasks.errors import PermanentError
 from petdet_tasks.safe_tar import (
+    MIN_MAX_BYTES,
+    ArchiveTooLarge,
+    DamagedArchive,
     NotATarArchive,
     UnsafeArchiveError,
     check_members,
+    default_max_bytes,
     safe_extract,
 )
 
@@ -242,3 +249,149 @@ def test_repeated_directories_and_nested_files_are_fine(tmp_path, out):
                                              _file("d/e/y"), _link("l", "d"), _file("l/z")])
     assert safe_extract(archive, out) == ["d/x", "d/e/y", "l/z"]
     assert (out / "d" / "z").read_bytes() == b"data"
+
+
+# -- a damaged header mid-archive: tarfile alone would stop there and extract the rest short --
+
+def _damage_header(data: bytes, member_offset: int) -> bytes:
+    """``data`` (an uncompressed tar) with the checksum field of the header at
+    ``member_offset`` overwritten, as a flipped bit on the way would."""
+    buf = bytearray(data)
+    buf[member_offset + 148:member_offset + 153] = b"99999"
+    return bytes(buf)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_damaged_header_mid_archive_is_refused_not_cut_short(gz, tmp_path, out):
+    plain = make_tar(tmp_path / "t.tar", [_file(f"images/{i}.jpg", bytes([i]) * 700)
+                                          for i in range(1, 8)])
+    with tarfile.open(plain) as tf:
+        members = tf.getmembers()
+    middle = members[3]
+    data = _damage_header(plain.read_bytes(), middle.offset)
+    archive = tmp_path / "images.tar.gz"
+    archive.write_bytes(gzip.compress(data) if gz else data)
+    with tarfile.open(archive) as tf:
+        assert len(tf.getmembers()) == 3, "tarfile alone silently stops at the damaged header"
+
+    with pytest.raises(DamagedArchive) as ei:
+        safe_extract(archive, out)
+    msg = str(ei.value)
+    assert str(archive) in msg and "damaged or not a tar archive after member 3" in msg, msg
+    assert "'images/3.jpg'" in msg and f"offset {middle.offset:,}" in msg, msg
+    assert isinstance(ei.value, PermanentError) and isinstance(ei.value, NotATarArchive)
+    assert list(out.iterdir()) == []
+    with pytest.raises(DamagedArchive):
+        check_members(archive)
+
+
+def test_data_appended_after_the_end_of_archive_is_refused(tmp_path, out):
+    archive = make_tar(tmp_path / "t.tar", good())
+    archive.write_bytes(archive.read_bytes() + b"\0" * 1024 + b"<html>junk</html>")
+    with pytest.raises(DamagedArchive, match=r"after member 5 \('./top.txt'\)"):
+        safe_extract(archive, out)
+    assert list(out.iterdir()) == []
+
+
+def test_extra_zero_padding_after_the_end_is_fine(tmp_path, out):
+    archive = make_tar(tmp_path / "t.tar", good())
+    archive.write_bytes(archive.read_bytes() + bytes(3 * 2**20 + 512))
+    assert safe_extract(archive, out) == ["pets/a.txt", "pets/sub/b.bin", "top.txt"]
+
+
+# -- size: sparse members refused, the extracted total capped --
+
+def test_sparse_member_is_refused(tmp_path, out):
+    # PAX "GNU.sparse" 0.1: 5 bytes of data standing for a 1 TB file
+    info, data = _file("big.img", b"hello")
+    info.pax_headers = {"GNU.sparse.map": "0,5", "GNU.sparse.size": str(10**12)}
+    archive = make_tar(tmp_path / "sparse.tar", [_file("fine.txt"), (info, data)])
+    with tarfile.open(archive) as tf:
+        assert tf.getmember("big.img").issparse() and tf.getmember("big.img").size == 10**12
+    with pytest.raises(UnsafeArchiveError, match="sparse") as ei:
+        safe_extract(archive, out)
+    assert ei.value.member == "big.img" and str(archive) in str(ei.value)
+    assert "1,000,000,000,000 bytes" in str(ei.value)
+    assert list(out.iterdir()) == []
+
+
+class _Zeros(io.RawIOBase):
+    """``n`` zero bytes, read without holding them in memory."""
+
+    def __init__(self, n: int):
+        self.left = n
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        k = min(len(b), self.left)
+        b[:k] = bytes(k)
+        self.left -= k
+        return k
+
+
+def test_compression_bomb_is_refused_from_the_headers(tmp_path, out):
+    n = MIN_MAX_BYTES + 2**20
+    info = tarfile.TarInfo("images/zeros.jpg")
+    info.size = n
+    archive = make_tar(tmp_path / "bomb.tar.gz", [_file("a.txt"),
+                                                  (info, io.BufferedReader(_Zeros(n)))], "w:gz")
+    size = archive.stat().st_size
+    assert size * 200 < n  # a tiny download ...
+    assert default_max_bytes(archive) == MIN_MAX_BYTES
+    with pytest.raises(ArchiveTooLarge) as ei:
+        safe_extract(archive, out)
+    msg = str(ei.value)
+    assert ei.value.member == "images/zeros.jpg" and str(archive) in msg, msg
+    assert f"{n:,} bytes" in msg and f"{MIN_MAX_BYTES:,} bytes" in msg and f"{size:,}" in msg
+    assert isinstance(ei.value, PermanentError)
+    assert list(out.iterdir()) == []
+    with pytest.raises(ArchiveTooLarge):
+        check_members(archive)
+    # the cap is the caller's to raise
+    assert safe_extract(archive, out, max_bytes=2 * n) == ["a.txt", "images/zeros.jpg"]
+
+
+def test_cap_is_relative_to_the_archive_size(tmp_path, out):
+    archive = make_tar(tmp_path / "t.tar.gz", [_file("x.bin", bytes(4000))], "w:gz")
+    assert default_max_bytes(archive) == max(MIN_MAX_BYTES, 50 * archive.stat().st_size)
+    with pytest.raises(ArchiveTooLarge, match=r"more than its cap of 3,999 bytes"):
+        safe_extract(archive, out, max_bytes=3999)
+    assert safe_extract(archive, out, max_bytes=4000) == ["x.bin"]
+
+
+def test_cap_is_enforced_on_what_is_written_too(tmp_path, out, monkeypatch):
+    # were the header check fooled, the bytes written are counted as extraction goes
+    archive = make_tar(tmp_path / "t.tar", [_file("a", b"a" * 800), _file("b", b"b" * 800),
+                                            _file("c", b"c")])
+    real = safe_tar._read_members
+    monkeypatch.setattr(safe_tar, "_read_members",
+                        lambda tf, archive, cap: real(tf, archive, 10**18))
+    with pytest.raises(ArchiveTooLarge, match="files written so far take 1,600 bytes") as ei:
+        safe_extract(archive, out, max_bytes=1000)
+    assert ei.value.member == "b"
+    assert not (out / "c").exists()
+
+
+# -- several archives into one folder --
+
+def test_refuse_existing_keeps_one_archive_from_replacing_anothers_files(tmp_path, out):
+    first = make_tar(tmp_path / "images.tar", [_dir("images"), _file("images/cat_1.jpg", b"REAL")])
+    second = make_tar(tmp_path / "annotations.tar", [
+        _file("annotations/list.txt"), _dir("images"), _file("images/cat_1.jpg", b"FORGED")])
+    assert safe_extract(first, out, refuse_existing=True) == ["images/cat_1.jpg"]
+    with pytest.raises(UnsafeArchiveError, match="already a file in the destination") as ei:
+        safe_extract(second, out, refuse_existing=True)
+    assert ei.value.member == "images/cat_1.jpg" and str(second) in str(ei.value)
+    assert (out / "images" / "cat_1.jpg").read_bytes() == b"REAL"
+    assert not (out / "annotations").exists(), "refused before anything was written"
+    # through a symlink of the second archive, and as a symlink: refused too
+    for members in ([_link("pics", "images"), _file("pics/cat_1.jpg")],
+                    [_link("images/cat_1.jpg", "../x")]):
+        with pytest.raises(UnsafeArchiveError, match="already a file in the destination"):
+            safe_extract(make_tar(tmp_path / "3.tar", members), out, refuse_existing=True)
+    assert (out / "images" / "cat_1.jpg").read_bytes() == b"REAL"
+    # shared directories are fine
+    assert safe_extract(make_tar(tmp_path / "4.tar", [_dir("images"), _file("images/dog.jpg")]),
+                        out, refuse_existing=True) == ["images/dog.jpg"]
