@@ -650,7 +650,12 @@ def _read_item(store: Store, item: Item) -> bytes:
         try:
             data = Path(item.ref).read_bytes()
         except FileNotFoundError:
-            raise _plan_again(f"{item.ref} was deleted after planning") from None
+            # or the plan ran on another worker: a local folder is the worker's own
+            where = ("; its folder is not on this worker at all: a worker-local folder must "
+                     "be at the same path on every worker that runs detect tasks (a shared "
+                     "filesystem), else put the images in the store"
+                     if not Path(item.ref).parent.exists() else "")
+            raise _plan_again(f"{item.ref} was deleted after planning{where}") from None
         except OSError as e:
             raise _Unreadable(f"unreadable: {e.strerror or type(e).__name__}") from None
         etag = None

@@ -122,6 +122,14 @@ def test_an_input_changed_after_planning_is_permanent_and_says_to_plan_again(tmp
         assert isinstance(e, PermanentError) and isinstance(e, StoreError)
         assert "after planning" in str(e) and "detect_plan" in str(e)
         assert "retry of this task would run the same plan" in str(e)
+        assert "not on this worker" not in str(e)  # the folder is there: the file went
+    # the plan ran on another worker, whose local folder this one does not have
+    (folder / "a.jpg").write_bytes(JPEG)
+    (moved,) = [it for it in det.list_images(store, None, str(folder))[0] if it.key == "a"]
+    folder.rename(tmp_path / "elsewhere")
+    with pytest.raises(det.InputChanged, match="its folder is not on this worker at all: a "
+                       "worker-local folder must be at the same path on every worker"):
+        det._read_item(store, moved)
 
 
 # ------------------------------------------------------------------------------- listings
