@@ -61,6 +61,10 @@ OFFICIAL_SOURCE = "https://thor.robots.ox.ac.uk/~vgg/data/pets/"
 GPU_POOL = os.environ.get("PETDET_GPU_POOL", "gpu")
 GPU_QUEUE = os.environ.get("PETDET_GPU_QUEUE", "gpu")
 TRAIN_TIMEOUT = timedelta(hours=float(os.environ.get("PETDET_TRAIN_TIMEOUT_HOURS", "24")))
+# a run still going after this fails (its waiting tasks skipped), so that with one active run
+# at a time a run stuck for good (e.g. train waiting on a GPU pool nobody created) does not
+# hold back every later weekly run; longer than train's three tries, shorter than a week
+DAGRUN_TIMEOUT = timedelta(hours=float(os.environ.get("PETDET_DAGRUN_TIMEOUT_HOURS", "144")))
 # a text param's pattern, after its "^": no space or newline at either end (a pasted
 # "s3://petdet/petdet " would name another store; JSON Schema's "$" also matches before a
 # final newline, hence the look-ahead)
@@ -83,6 +87,7 @@ with DAG(
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
+    dagrun_timeout=DAGRUN_TIMEOUT,
     tags=["petdet", "ml", "object-detection"],
     render_template_as_native_obj=True,
     user_defined_filters={"verbatim": verbatim},
@@ -186,7 +191,8 @@ with DAG(
         "detect_with": Param("production", type="string", enum=["production", "candidate"],
                              title="Detect with",
                              description="production: the registry's model (this run's if "
-                             "it was promoted); candidate: this run's model regardless."),
+                             "it was promoted); candidate: this run's model, promoted or not "
+                             "(unless skip_detection_if_not_promoted ends the run first)."),
         "detect_images": Param(None, type=["null", "string"], title="Images to detect on",
                                description="Store prefix or worker-local folder of JPEG/PNG "
                                "images; empty: the dataset's test split."),

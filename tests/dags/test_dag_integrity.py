@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,9 @@ def test_retrain_dag_structure(dag):
     assert dag.doc_md and "petdet_retrain" in dag.doc_md
     assert dag.schedule is not None or dag.timetable is not None
     assert dag.catchup is False and dag.max_active_runs == 1
+    # a run stuck for good must not hold back the next weekly runs, and train's three tries
+    # (a retry resumes) must fit
+    assert 3 * train.execution_timeout < dag.dagrun_timeout < timedelta(days=7)
     for task in dag.tasks:
         assert task.retries >= 2, f"{task.task_id} has retries={task.retries}"
         assert task.execution_timeout is not None
