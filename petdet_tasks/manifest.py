@@ -9,9 +9,15 @@
    stopped renewing it (the process died) is taken over with a compare-and-swap on its ETag —
    once it expires, or at once when the holder ran on this machine and its process is gone.
    So two writers racing for one prefix end with one complete, consistent output — the second
-   never writes a byte.
+   never writes a byte. A lease that does not parse (a crash mid-write) counts as expired.
+   The holder fences itself: once its last successful renewal is older than
+   :data:`LEASE_FENCE_FRACTION` of the TTL (renewals failing: a store outage, a partition) it
+   refuses further writes and the commit with :class:`LeaseLost`, before another writer may
+   take the lease over.
 3. A prefix without a manifest is incomplete: nobody reads it; the new holder deletes what is
-   there (unless the step resumes from it, as training does) and writes afresh.
+   there (unless the step resumes from it, as training does) and writes afresh. A manifest
+   that does not parse is no commit either: readers report it (:class:`UnreadableManifest`,
+   naming it) and the step's next writer logs a warning, removes it and recomputes.
 4. The step body writes its files through :class:`StepWriter`, which records size + sha256.
 5. Verify: every recorded file is listed in the store with its size.
 6. Write the manifest with a create-only put — last — then drop the lease. A failure anywhere
@@ -60,10 +66,24 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TTL_S = 120.0
 DEFAULT_WAIT_TIMEOUT_S = 6 * 3600.0
+# a holder whose last successful renewal is older than this fraction of the TTL stops writing
+# (LeaseLost): the rest of the TTL is the margin for a write already under way to land before
+# another writer may take the expired lease over
+LEASE_FENCE_FRACTION = 2 / 3
 
 
 class LeaseLost(StoreError):
     """Another writer took this prefix's lease while we were writing; nothing was committed."""
+
+
+class UnreadableManifest(PermanentError, StoreError):
+    """A prefix's ``_MANIFEST.json`` exists but is not a JSON object (truncated by a host crash,
+    edited by hand): not a committed output. Retrying the reader cannot mend it; rerunning the
+    step that writes it does (it treats the prefix as incomplete and recomputes it)."""
+
+    def __init__(self, message: str, *, what: str = ""):
+        super().__init__(message)
+        self.what = what or message  # "<manifest URI> is unreadable (<why>)"
 
 
 class PlanMismatch(PermanentError, StoreError):
@@ -116,11 +136,8 @@ class StepWriter:
         return entry
 
     def _check_lease(self) -> None:
-        if self._lease is not None and self._lease.lost.is_set():
-            raise LeaseLost(
-                f"lease on {self.uri()} was taken over by another writer; stopping without "
-                "committing"
-            )
+        if self._lease is not None:
+            self._lease.check(self.uri())
 
     def register(self, rel: str, entry: FileEntry) -> FileEntry:
         """Record a file another process already wrote under the prefix (mapped shard tasks);
@@ -227,6 +244,10 @@ class _Lease:
         }
         self.etag: str | None = None
         self.lost = threading.Event()
+        self.lost_why = "was taken over by another writer"
+        # monotonic time at which the body of the last successful acquire/renewal was made
+        # (its expires_at counts from then): the fence counts from it
+        self._renewed_at: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -235,10 +256,15 @@ class _Lease:
         return canonical_json({**self.owner, "renewed_at": now, "expires_at": now + self.ttl_s}
                               ).encode()
 
+    def _put(self, **conditions) -> None:
+        made = time.monotonic()
+        self.etag = self.store.put_bytes(self.key, self._body(), **conditions)
+        self._renewed_at = made
+
     def try_acquire(self) -> dict | None:
         """Acquire; returns None on success, else the current holder's lease record."""
         try:
-            self.etag = self.store.put_bytes(self.key, self._body(), if_absent=True)
+            self._put(if_absent=True)
             return None
         except PreconditionFailed:
             pass
@@ -246,36 +272,71 @@ class _Lease:
             data, etag = self.store.get_bytes(self.key)
         except NotFound:
             return {"expires_at": 0, "id": None, "released": True}  # released meanwhile: retry
-        holder = json.loads(data)
-        expired = holder.get("expires_at", 0) < time.time()
-        if expired or _holder_is_gone(holder):
+        holder, unreadable = _parse_lease(data)
+        expired = unreadable is None and holder["expires_at"] < time.time()
+        if unreadable is not None or expired or _holder_is_gone(holder):
             try:
-                self.etag = self.store.put_bytes(self.key, self._body(), if_match=etag)
+                self._put(if_match=etag)
+            except (PreconditionFailed, NotFound):
+                return {"expires_at": 0, "id": None, "released": True}
+            if unreadable is not None:
+                log.warning("took over the unreadable lease on %s (%s): taken for an abandoned "
+                            "one", self.store.uri(self.key), unreadable)
+            else:
                 log.warning(
                     "took over the %s lease on %s from %s (pid %s on %s, run %s)",
                     "expired" if expired else "dead process's", self.store.uri(self.key),
                     holder.get("id"), holder.get("pid"), holder.get("host"),
                     holder.get("run_id"),
                 )
-                return None
-            except (PreconditionFailed, NotFound):
-                return {"expires_at": 0, "id": None, "released": True}
+            return None
         return holder
 
     def start_renewing(self) -> None:
         self._thread = threading.Thread(target=self._renew_loop, name="petdet-lease", daemon=True)
         self._thread.start()
 
+    def _fenced(self) -> bool:
+        """True (and the lease marked lost) once the last successful renewal is too old for
+        this holder to go on writing: another writer may take the lease over soon."""
+        if self.lost.is_set():
+            return True
+        if self._renewed_at is None:
+            return False
+        age = time.monotonic() - self._renewed_at
+        if age < self.ttl_s * LEASE_FENCE_FRACTION:
+            return False
+        self.lost_why = (f"could not be renewed for {age:.1f}s (it expires {self.ttl_s:g}s after "
+                         "its last renewal, and another writer may then take it over)")
+        if not self.lost.is_set():
+            self.lost.set()
+            log.error("the lease on %s %s: refusing further writes", self.store.uri(self.key),
+                      self.lost_why)
+        return True
+
+    def check(self, uri: str) -> None:
+        """:class:`LeaseLost` if the lease was taken over or could not be renewed in time."""
+        if self._fenced():
+            raise LeaseLost(f"lease on {uri} {self.lost_why}; stopping without committing")
+
     def _renew_loop(self) -> None:
-        while not self._stop.wait(self.ttl_s / 3):
+        interval = self.ttl_s / 3
+        wait = interval
+        while not self._stop.wait(wait):
             try:
-                self.etag = self.store.put_bytes(self.key, self._body(), if_match=self.etag)
+                self._put(if_match=self.etag)
+                wait = interval
             except (PreconditionFailed, NotFound):
                 log.error("lost the lease on %s to another writer", self.store.uri(self.key))
                 self.lost.set()
                 return
-            except StoreError as e:  # transient: keep trying until the lease would expire
+            except Exception as e:  # transient: try again soon, until the fence is reached
+                if self._fenced():
+                    return
                 log.warning("could not renew the lease on %s: %s", self.store.uri(self.key), e)
+                wait = interval / 4
+            if self._fenced():  # a renewal that succeeded too late
+                return
 
     def still_held(self) -> bool:
         if self.lost.is_set():
@@ -284,7 +345,8 @@ class _Lease:
             data, _ = self.store.get_bytes(self.key)
         except NotFound:
             return False
-        return json.loads(data).get("id") == self.owner["id"]
+        holder, unreadable = _parse_lease(data)
+        return unreadable is None and holder.get("id") == self.owner["id"]
 
     def release(self) -> None:
         self._stop.set()
@@ -292,6 +354,21 @@ class _Lease:
             self._thread.join()
         if not self.lost.is_set() and self.still_held():
             self.store.delete(self.key)
+
+
+def _parse_lease(data: bytes) -> tuple[dict, str | None]:
+    """(the lease record, None) or ({}, why it is unreadable): a lease that is not a JSON object
+    with a numeric ``expires_at`` was cut short by a crash; nobody holds it."""
+    try:
+        holder = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        return {}, f"{len(data)} bytes, not JSON: {e}"
+    if not isinstance(holder, dict):
+        return {}, f"a JSON {type(holder).__name__}, not an object"
+    expires = holder.get("expires_at", 0)
+    if not isinstance(expires, int | float) or isinstance(expires, bool):
+        return {}, f"expires_at is {expires!r}, not a time"
+    return holder, None
 
 
 def save_plan_record(store: Store, prefix: str, doc: dict) -> str:
@@ -331,13 +408,38 @@ def read_plan_record(store: Store, step: str, fp: str, *, force: bool = False
                          "records it; run it first") from None
 
 
-def read_manifest(store: Store, prefix: str) -> dict | None:
-    """The committed manifest of a prefix, or None if the prefix is absent or incomplete."""
+def load_manifest(store: Store, prefix: str) -> dict | None:
+    """The committed manifest of a prefix, None if it has none (absent or incomplete), and
+    :class:`UnreadableManifest` (naming it) if it has one that is not a JSON object."""
+    key = manifest_key(prefix)
     try:
-        data, _ = store.get_bytes(manifest_key(prefix))
+        data, _ = store.get_bytes(key)
     except NotFound:
         return None
-    return json.loads(data)
+    try:
+        manifest = json.loads(data)
+        why = None if isinstance(manifest, dict) else \
+            f"a JSON {type(manifest).__name__}, not an object"
+    except (ValueError, RecursionError) as e:
+        why = f"{len(data)} bytes, not JSON: {e}"
+    if why is not None:
+        what = f"{store.uri(key)} is unreadable ({why})"
+        raise UnreadableManifest(
+            f"{what}, so {store.uri(prefix.rstrip('/'))} is no committed output: rerun the step "
+            "that writes it (it removes the unreadable manifest and recomputes the output), or "
+            "rerun it with force", what=what)
+    return manifest
+
+
+def read_manifest(store: Store, prefix: str, *, warn: bool = True) -> dict | None:
+    """The committed manifest of a prefix, or None if the prefix is absent or incomplete; an
+    unreadable manifest (:func:`load_manifest`) counts as incomplete, with a warning."""
+    try:
+        return load_manifest(store, prefix)
+    except UnreadableManifest as e:
+        if warn:
+            log.warning("%s; treating it as incomplete", e)
+        return None
 
 
 def resolve_output_uri(store: Store, uri: str) -> str:
@@ -353,7 +455,8 @@ def load_output(store: Store, uri: str, *, expect_step: str | None = None) -> St
     """A committed output by URI (as passed between steps) or by its ``<folder>/<fingerprint>``
     relative to the store's root; a clear error if incomplete. A URI of the wrong step or
     outside this store is a :class:`ConfigError`; a missing manifest a (retryable)
-    :class:`StoreError`, since the output may still be on its way."""
+    :class:`StoreError`, since the output may still be on its way; an unreadable one an
+    :class:`UnreadableManifest` (permanent: only rerunning the step that writes it mends it)."""
     uri = resolve_output_uri(store, uri)
     root, step, fp = split_output_uri(uri)
     if expect_step is not None and step != expect_step:
@@ -361,7 +464,7 @@ def load_output(store: Store, uri: str, *, expect_step: str | None = None) -> St
     if root.rstrip("/") != store.root.rstrip("/"):
         raise ConfigError(f"{uri} is not under the store root {store.root}")
     prefix = step_prefix(step, fp)
-    manifest = read_manifest(store, prefix)
+    manifest = load_manifest(store, prefix)  # UnreadableManifest: permanent, names the file
     if manifest is None:
         raise StoreError(f"{uri} has no {manifest_key('')}: the output is incomplete or absent")
     return StepResult(step, uri, fp, True, manifest)
@@ -405,7 +508,7 @@ def run_step(
     poll_s = poll_s if poll_s is not None else min(5.0, max(0.05, lease_ttl_s / 10))
 
     if not force:
-        manifest = read_manifest(store, prefix)
+        manifest = read_manifest(store, prefix, warn=False)  # unreadable: warned under the lease
         if manifest is not None:
             log.info("cache hit: %s %s is complete (%d files); nothing to do", step, uri,
                      len(manifest.get("files", {})))
@@ -419,7 +522,7 @@ def run_step(
         if holder is None:
             break
         if not force:
-            manifest = read_manifest(store, prefix)
+            manifest = read_manifest(store, prefix, warn=False)
             if manifest is not None:
                 log.info("cache hit: %s %s was completed by another writer", step, uri)
                 return StepResult(step, uri, fp, True, manifest)
@@ -440,7 +543,16 @@ def run_step(
     lease.start_renewing()
     started = time.time()
     try:
-        existing = read_manifest(store, prefix)
+        try:
+            existing = load_manifest(store, prefix)
+        except UnreadableManifest as e:
+            # no commit: the prefix is incomplete (force: the output it stood for goes, as a
+            # complete one would). Removed now, under the lease, or the create-only put of the
+            # new manifest would find it there
+            log.warning("%s: no commit; removing it and recomputing %s%s", e.what, uri,
+                        " (force)" if force else "")
+            store.delete(manifest_key(prefix))
+            existing = {} if force else None
         if existing is not None and not force:
             log.info("cache hit: %s %s was completed by another writer", step, uri)
             return StepResult(step, uri, fp, True, existing)
@@ -469,6 +581,7 @@ def run_step(
 
         _verify(store, prefix, writer.files)
         if not lease.still_held():
+            lease.check(uri)  # could not be renewed in time: say so
             raise LeaseLost(f"lease on {uri} was lost before commit; nothing was committed")
         finished = time.time()
         manifest = {
@@ -489,6 +602,7 @@ def run_step(
             },
             **(extra_manifest or {}),
         }
+        lease.check(uri)  # last: the renewals may have failed while it verified
         try:
             store.put_bytes(manifest_key(prefix),
                             (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(),

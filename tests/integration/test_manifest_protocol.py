@@ -326,3 +326,152 @@ def test_load_output_by_uri_or_store_relative_and_clear_permanent_errors(store):
     with pytest.raises(StoreError) as missing:
         load_output(store, "datasets/" + "0" * 20)
     assert not isinstance(missing.value, ConfigError)
+
+
+def _corrupt(store, key, content):
+    """What a host crash leaves of an un-fsynced put (or a hand edit): the key, not its JSON."""
+    store.delete(key)
+    store.put_bytes(key, content)
+
+
+@pytest.mark.parametrize("content", [b"", b'{"files": {"data/one.bin": ', b"[1, 2]"])
+@pytest.mark.parametrize("resume", [False, True])
+def test_an_unreadable_manifest_is_named_and_recomputed(store, caplog, content, resume):
+    """A manifest that does not parse (zero bytes after a host crash) is no commit: a reader
+    gets a permanent error naming it; the step's next run warns, removes it and recomputes
+    (also a resumable step, whose create-only commit would otherwise find it there)."""
+    from petdet_tasks.errors import PermanentError
+    from petdet_tasks.manifest import UnreadableManifest
+
+    first = _run(store, _body([], content=b"v1"), resume=resume)
+    prefix = step_prefix("download", first.fingerprint)
+    _corrupt(store, manifest_key(prefix), content)
+    shown = store.uri(manifest_key(prefix))
+
+    with caplog.at_level("WARNING", logger="petdet"):
+        assert read_manifest(store, prefix) is None
+    assert f"{shown} is unreadable" in caplog.text and "treating it as incomplete" in caplog.text
+    with pytest.raises(UnreadableManifest) as info:
+        load_output(store, first.uri)
+    assert isinstance(info.value, PermanentError)
+    assert shown in str(info.value) and "force" in str(info.value)
+
+    caplog.clear()
+    calls = []
+    with caplog.at_level("WARNING", logger="petdet"):
+        again = _run(store, _body(calls, content=b"v2"), resume=resume)
+    assert not again.cache_hit and len(calls) == 1
+    assert f"{shown} is unreadable" in caplog.text and "removing it and recomputing" in caplog.text
+    _assert_consistent(store, again)
+    assert _run(store, _body(calls)).cache_hit and len(calls) == 1
+    assert load_output(store, first.uri).manifest == again.manifest
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_force_replaces_an_unreadable_manifest_from_scratch(store, resume):
+    prefix = step_prefix("download", fingerprint("download", 1, INPUTS, CONFIG))
+    _run(store, _body([], content=b"v1"), resume=resume)
+    store.put_bytes(prefix + "ckpt/old", b"old state")
+    _corrupt(store, manifest_key(prefix), b"")
+    seen = []
+
+    def body(w):
+        seen.append(sorted(o.key[len(prefix):] for o in store.list(prefix)))
+        w.put_bytes("data/one.bin", b"v2")
+        return {"count": 2}
+
+    result = _run(store, body, force=True, resume=resume)
+    assert not result.cache_hit and result.outputs == {"count": 2}
+    assert seen == [["_LEASE.json"]], "force starts from scratch, as for a readable manifest"
+    _assert_consistent(store, result)
+
+
+@pytest.mark.parametrize("content", [b"", b'{"id": "half', b"null",
+                                     b'{"id": "w", "expires_at": "later"}'])
+def test_an_unreadable_lease_is_taken_over(store, caplog, content):
+    prefix = step_prefix("download", fingerprint("download", 1, INPUTS, CONFIG))
+    store.put_bytes(lease_key(prefix), content)
+    calls = []
+    with caplog.at_level("WARNING", logger="petdet"):
+        result = _run(store, _body(calls), wait_timeout_s=5, poll_s=0.05)
+    assert not result.cache_hit and len(calls) == 1
+    assert f"took over the unreadable lease on {store.uri(lease_key(prefix))}" in caplog.text
+    _assert_consistent(store, result)
+    assert not store.exists(lease_key(prefix))
+
+
+def _failing_renewals(monkeypatch, store, run_id, failures):
+    """The lease renewals (and only those) of run ``run_id`` fail with a transient error, the
+    first ``failures`` of them (None: all)."""
+    put = store.put_bytes
+    left = [failures]
+
+    def put_bytes(key, data, **kw):
+        if (key.endswith("_LEASE.json") and kw.get("if_match")
+                and threading.current_thread().name == "petdet-lease"
+                and f'"run_id":"{run_id}"'.encode() in data and left[0] != 0):
+            if left[0] is not None:
+                left[0] -= 1
+            raise StoreError(f"simulated: connection reset renewing {key}")
+        return put(key, data, **kw)
+
+    monkeypatch.setattr(store, "put_bytes", put_bytes)
+
+
+def test_a_holder_that_cannot_renew_stops_writing_before_a_takeover(store, monkeypatch, caplog):
+    """A's renewals fail (a partition): its lease expires and B takes over, clears and commits.
+    A must notice on its own — before the lease expires — and refuse its next write and its
+    commit, instead of overwriting B's committed file."""
+    _failing_renewals(monkeypatch, store, "A", None)
+    b_committed = threading.Event()
+    outcome = {}
+
+    def body_a(w):
+        time.sleep(1.2)  # working; its renewals fail meanwhile
+        b_committed.wait(30)
+        outcome["a wrote"] = True
+        w.put_bytes("data/one.bin", b"AAAA")
+        return {}
+
+    def run_a():
+        try:
+            _run(store, body_a, lease_ttl_s=1.0, run_id="A")
+        except Exception as e:
+            outcome["a"] = e
+
+    a = threading.Thread(target=run_a)
+    with caplog.at_level("WARNING", logger="petdet"):
+        a.start()
+        time.sleep(0.3)
+        b = _run(store, _body([], content=b"BBBB"), lease_ttl_s=1.0, run_id="B",
+                 wait_timeout_s=30, poll_s=0.05)
+        b_committed.set()
+        a.join(30)
+    assert not b.cache_hit
+    _assert_consistent(store, b)
+    assert store.get_bytes(step_prefix("download", b.fingerprint) + "data/one.bin")[0] == b"BBBB"
+    assert "a wrote" in outcome  # it tried, after B's commit, and was refused
+    assert isinstance(outcome.get("a"), LeaseLost), outcome
+    assert "could not be renewed" in str(outcome["a"])
+
+
+def test_a_holder_that_cannot_renew_does_not_commit(store, monkeypatch):
+    _failing_renewals(monkeypatch, store, "A", None)
+
+    def body(w):
+        w.put_bytes("data/one.bin", b"x")
+        time.sleep(1.0)  # past 2/3 of the TTL without a renewal
+        return {}
+
+    with pytest.raises(LeaseLost, match="could not be renewed"):
+        _run(store, body, lease_ttl_s=1.2, run_id="A")
+    prefix = step_prefix("download", fingerprint("download", 1, INPUTS, CONFIG))
+    assert read_manifest(store, prefix) is None
+
+
+def test_one_failed_renewal_is_retried_and_the_lease_kept(store, monkeypatch):
+    _failing_renewals(monkeypatch, store, "A", 1)
+    calls = []
+    result = _run(store, _body(calls, sleep_s=2.0), lease_ttl_s=1.5, run_id="A")
+    assert not result.cache_hit and len(calls) == 1
+    _assert_consistent(store, result)
