@@ -11,12 +11,19 @@ Every petdet step reads and writes through a :class:`Store` rooted at a URI:
 Keys are POSIX paths relative to the root. Both backends give the same guarantees:
 
 * an object is never visible half-written (S3 puts are atomic; locally a temp file in the
-  store's own ``.petdet/tmp`` is renamed into place);
+  store's own ``.petdet/tmp`` is renamed into place). Locally a conditional put (the manifest,
+  the lease) is also durable before it is visible: its temp file is fsynced before it is
+  linked/renamed into place, and its folder after, so a host crash cannot leave a zero-byte
+  manifest. Temp files a killed process left there are swept when a store is opened once
+  they are older than :data:`TMP_MAX_AGE_S`;
 * ``put_bytes(..., if_absent=True)`` is a create-only put (S3 ``IfNoneMatch="*"``, locally a
   hard link that fails when the name exists) and ``if_match=etag`` a compare-and-swap; the
   loser gets :class:`PreconditionFailed`;
 * large files stream in bounded memory (multipart uploads on S3) and every upload/download
-  reports the size and sha256 of what was moved; downloads verify a given sha256.
+  reports the size and sha256 of what was moved; downloads verify a given sha256;
+* on S3 a GET whose response body fails mid-read (a reset connection, a read timeout, fewer
+  bytes than announced) is requested again a few times with backoff: botocore retries a
+  failed request, not a body that breaks after the headers arrived.
 
 Credentials are never part of a store's ``repr``, its URIs, or its error messages.
 """
@@ -28,10 +35,12 @@ import fcntl
 import hashlib
 import logging
 import os
+import random
 import re
 import shutil
 import stat
 import tempfile
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -45,6 +54,10 @@ log = logging.getLogger(__name__)
 
 HASH_CHUNK = 1 << 20
 _INTERNAL = ".petdet"  # LocalStore's own temp/lock area; never listed
+# a temp file or scratch folder in a LocalStore's .petdet/tmp untouched for this long was left
+# by a killed process (a put streams into it and renames it away; a shard's scratch is written
+# to throughout its task): swept when a store is opened
+TMP_MAX_AGE_S = 24 * 3600.0
 
 
 class StoreError(RuntimeError):
@@ -215,6 +228,40 @@ class LocalStore(Store):
         self.root = str(path)
         self._tmp = path / _INTERNAL / "tmp"
         self._locks = path / _INTERNAL / "locks"
+        self.sweep_tmp()
+
+    def sweep_tmp(self, max_age_s: float = TMP_MAX_AGE_S) -> int:
+        """Remove what killed processes left in ``.petdet/tmp``: entries (a put's temp file, a
+        shard's scratch folder) with nothing in them modified for ``max_age_s``; each removal
+        is logged. Housekeeping: a failure is logged, never raised. Returns the count."""
+        try:
+            entries = list(os.scandir(self._tmp))
+        except FileNotFoundError:
+            return 0
+        except OSError as e:
+            log.warning("could not sweep %s: %s", self._tmp, e)
+            return 0
+        cutoff = time.time() - max_age_s
+        removed = 0
+        for entry in entries:
+            try:
+                newest, size = _newest_mtime(entry)
+                if newest >= cutoff:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                continue  # its process finished with it meanwhile
+            except OSError as e:
+                log.warning("could not remove the stale temp entry %s: %s", entry.path, e)
+                continue
+            removed += 1
+            log.warning("removed %s left in the store's temp area by a killed process "
+                        "(%d bytes, untouched for %.1f h)", entry.path, size,
+                        (time.time() - newest) / 3600)
+        return removed
 
     def _p(self, key: str) -> Path:
         return self.path / _check_key(key)
@@ -272,9 +319,22 @@ class LocalStore(Store):
         dest = self._p(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._tmpfile()
+        # a conditional put is the commit protocol's (the manifest, the lease): durable before
+        # it is visible, so a host crash leaves it absent or whole, never empty. Other puts
+        # (shards, per-image results) skip the fsync: a prefix is only read once its manifest
+        # is there.
+        durable = if_absent or if_match is not None
         try:
-            tmp.write_bytes(data)
-            etag = self._etag(os.stat(tmp))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if durable:
+                    os.fsync(fd)
+                etag = self._etag(os.fstat(fd))
+            finally:
+                os.close(fd)
             with self._key_lock(key):
                 if if_absent:
                     try:
@@ -293,6 +353,8 @@ class LocalStore(Store):
                     os.replace(tmp, dest)
                 else:
                     os.replace(tmp, dest)
+            if durable:
+                _fsync_dir(dest.parent)
         finally:
             tmp.unlink(missing_ok=True)
         return etag
@@ -373,6 +435,8 @@ class S3Store(Store):
     MULTIPART_THRESHOLD = 64 << 20
     MULTIPART_CHUNK = 16 << 20
     MAX_CONCURRENCY = 4  # peak upload buffer ≈ MAX_CONCURRENCY * MULTIPART_CHUNK
+    GET_ATTEMPTS = 4  # requests for one get_bytes whose response body keeps failing mid-read
+    GET_BACKOFF_S = 0.25  # before the 2nd request (doubling, ±50% jitter)
 
     def __init__(self, root: str, client=None):
         _refuse_credentials(root)
@@ -452,11 +516,30 @@ class S3Store(Store):
 
     def get_bytes(self, key: str) -> tuple[bytes, str]:
         k = self._k(key)
-        try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=k)
-            return resp["Body"].read(), resp["ETag"]
-        except Exception as e:
-            raise self._error("get", key, e) from e
+        requests = 0
+        while True:
+            requests += 1
+            try:  # botocore has retried the request itself already
+                resp = self.client.get_object(Bucket=self.bucket, Key=k)
+            except Exception as e:
+                err = self._error("get", key, e)
+                if requests > 1 and type(err) is StoreError:
+                    err = StoreError(f"{err} (after {requests} requests)")
+                raise err from e
+            try:
+                return resp["Body"].read(), resp["ETag"]
+            except Exception as e:
+                err = self._error("get", key, e)
+                if not _is_body_read_error(e):
+                    raise err from e
+                if requests >= self.GET_ATTEMPTS:
+                    raise StoreError(f"{err} (after {requests} requests)") from e
+                delay = self.GET_BACKOFF_S * 2 ** (requests - 1) * (0.5 + random.random())
+                log.warning("%s (request %d of %d); requesting it again in %.1fs", err,
+                            requests, self.GET_ATTEMPTS, delay)
+                with contextlib.suppress(Exception):
+                    resp["Body"].close()
+                time.sleep(delay)
 
     def exists(self, key: str) -> bool:
         k = self._k(key)
@@ -504,6 +587,58 @@ class S3Store(Store):
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError:
             self.client.create_bucket(Bucket=self.bucket)
+
+
+def _newest_mtime(entry: os.DirEntry) -> tuple[float, int]:
+    """(the newest mtime in a temp entry — itself or, for a folder, anything under it — and
+    its size in bytes)."""
+    st = entry.stat(follow_symlinks=False)
+    if not entry.is_dir(follow_symlinks=False):
+        return st.st_mtime, st.st_size
+    newest, size = st.st_mtime, 0
+    for dirpath, _, filenames in os.walk(entry.path):
+        with contextlib.suppress(FileNotFoundError):
+            newest = max(newest, os.stat(dirpath).st_mtime)
+        for name in filenames:
+            with contextlib.suppress(FileNotFoundError):
+                fst = os.stat(os.path.join(dirpath, name), follow_symlinks=False)
+                newest, size = max(newest, fst.st_mtime), size + fst.st_size
+    return newest, size
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a file just linked/renamed into it) durable; a filesystem that
+    cannot fsync a folder is left as it is."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _is_body_read_error(exc: Exception) -> bool:
+    """An S3 response whose body broke off mid-read (a reset or closed connection, a read
+    timeout, fewer bytes than its Content-Length): worth another GET. A ClientError (the
+    server's answer: 404, 403, ...) is not."""
+    import http.client
+
+    from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
+
+    if isinstance(exc, ClientError):
+        return False
+    if isinstance(exc, HTTPClientError | IncompleteReadError | http.client.IncompleteRead
+                  | ConnectionError | TimeoutError):
+        return True
+    try:
+        from urllib3.exceptions import ProtocolError, ReadTimeoutError
+    except ImportError:  # pragma: no cover - urllib3 comes with botocore
+        return False
+    return isinstance(exc, ProtocolError | ReadTimeoutError)
 
 
 def default_s3_client():

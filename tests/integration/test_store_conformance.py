@@ -155,3 +155,151 @@ def test_unsupported_store_uri_is_not_echoed(tmp_path):
 def test_list_refuses_a_prefix_outside_the_store(store):
     with pytest.raises(ValueError, match="invalid store key"):
         list(store.list("../../outside/"))
+
+
+def test_local_store_sweeps_what_killed_puts_left_in_its_temp_area(tmp_path, caplog):
+    """A put_file SIGKILLed mid-copy leaves its temp file in .petdet/tmp (hidden from list()),
+    a killed shard task its scratch folder: opening the store removes what is older than a day,
+    and nothing a running process may still be using."""
+    import time
+
+    from petdet_tasks.store import LocalStore
+
+    root = tmp_path / "store"
+    LocalStore(root).put_bytes("a/kept.bin", b"kept")
+    tmp = root / ".petdet" / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    old = time.time() - 2 * 24 * 3600
+
+    def aged(path, when=old):
+        os.utime(path, (when, when))
+        return path
+
+    stale_file = tmp / "0123456789abcdef0123456789abcdef"
+    stale_file.write_bytes(b"\0" * (4 << 20))
+    aged(stale_file)
+    fresh_file = tmp / "fedcba9876543210fedcba9876543210"
+    fresh_file.write_bytes(b"being written")
+    stale_dir = tmp / "petdet-shard-dead"
+    (stale_dir / "sub").mkdir(parents=True)
+    (stale_dir / "sub" / "train-00000.tfrecord").write_bytes(b"x" * 100)
+    for p in (stale_dir / "sub" / "train-00000.tfrecord", stale_dir / "sub", stale_dir):
+        aged(p)
+    live_dir = tmp / "petdet-shard-live"  # an old folder a running shard still writes into
+    live_dir.mkdir()
+    (live_dir / "old.part").write_bytes(b"o")
+    aged(live_dir / "old.part")
+    (live_dir / "new.part").write_bytes(b"n")
+    aged(live_dir)
+
+    with caplog.at_level("WARNING", logger="petdet"):
+        store = LocalStore(root)
+    assert not stale_file.exists() and not stale_dir.exists()
+    assert fresh_file.exists() and live_dir.is_dir() and (live_dir / "new.part").exists()
+    assert str(stale_file) in caplog.text and "(4194304 bytes" in caplog.text
+    assert str(stale_dir) in caplog.text
+    assert store.get_bytes("a/kept.bin")[0] == b"kept"
+    assert [o.key for o in store.list()] == ["a/kept.bin"]
+    assert store.sweep_tmp() == 0
+
+
+def test_local_conditional_puts_are_fsynced_before_they_are_visible(tmp_path, monkeypatch):
+    """The manifest (create-only) and the lease (create-only, compare-and-swap) reach the disk
+    before they are linked into place, and their folder after: a host crash cannot leave a
+    zero-byte manifest. Plain puts (shards) are not fsynced."""
+    from petdet_tasks.store import LocalStore
+
+    store = LocalStore(tmp_path / "store")
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append((path, os.path.isdir(path)))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store.put_bytes("p/shard", b"data")
+    assert synced == []
+    store.put_bytes("p/_MANIFEST.json", b"{}", if_absent=True)
+    tmp_dir = str(tmp_path / "store" / ".petdet" / "tmp")
+    assert [d for _, d in synced] == [False, True]
+    assert os.path.dirname(synced[0][0]) == tmp_dir  # the temp file, before its link
+    assert synced[1][0] == str(tmp_path / "store" / "p")
+    etag = store.put_bytes("p/_LEASE.json", b"{}", if_absent=True)
+    store.put_bytes("p/_LEASE.json", b"{ }", if_match=etag)
+    assert len(synced) == 6
+
+
+class _BreakingBodies:
+    """A boto3 client whose first ``failures`` get_object responses break off mid-body the way
+    a reset connection or a read timeout does (botocore retries requests, not bodies)."""
+
+    def __init__(self, client, failures, error):
+        self._client, self.failures, self.error, self.requests = client, failures, error, 0
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def get_object(self, **kw):
+        self.requests += 1
+        resp = self._client.get_object(**kw)
+        if self.failures:
+            self.failures -= 1
+            body, error = resp["Body"], self.error
+
+            class Broken:
+                def read(self, amt=None):
+                    body.read(3)
+                    raise error()
+
+                def close(self):
+                    body.close()
+
+            resp = {**resp, "Body": Broken()}
+        return resp
+
+
+def _body_errors():
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+    from urllib3.exceptions import ProtocolError
+
+    return {
+        "streaming": lambda: ResponseStreamingError(error=ProtocolError(
+            "Connection broken: IncompleteRead(3 bytes read, 9 more expected)")),
+        "incomplete": lambda: IncompleteReadError(actual_bytes=3, expected_bytes=12),
+        "timeout": lambda: ReadTimeoutError(endpoint_url="http://127.0.0.1:1/b/k",
+                                            error="Read timed out."),
+    }
+
+
+@pytest.mark.parametrize("kind", ["streaming", "incomplete", "timeout"])
+def test_s3_get_retries_a_body_that_breaks_mid_read(seaweed, s3_client, monkeypatch, caplog,
+                                                   kind):
+    import uuid
+
+    from petdet_tasks.store import StoreError
+
+    monkeypatch.setattr(S3Store, "GET_BACKOFF_S", 0.01, raising=False)
+    root = f"s3://{seaweed.bucket}/t-{uuid.uuid4().hex[:12]}"
+    S3Store(root, client=s3_client).put_bytes("d/k.json", b'{"ok": true}')
+
+    flaky = _BreakingBodies(s3_client, 2, _body_errors()[kind])
+    store = S3Store(root, client=flaky)
+    with caplog.at_level("WARNING", logger="petdet"):
+        data, etag = store.get_bytes("d/k.json")
+    assert data == b'{"ok": true}' and etag and flaky.requests == 3
+    assert "requesting it again" in caplog.text and store.uri("d/k.json") in caplog.text
+
+    broken = _BreakingBodies(s3_client, 99, _body_errors()[kind])
+    store = S3Store(root, client=broken)
+    with pytest.raises(StoreError) as info:
+        store.get_bytes("d/k.json")
+    message = str(info.value)
+    assert message.startswith(f"get {store.uri('d/k.json')} failed: ")
+    assert message.endswith("(after 4 requests)") and broken.requests == 4
+    assert seaweed.secret_key not in message + caplog.text
+
+    with pytest.raises(NotFound):  # the server's own answers are not retried
+        S3Store(root, client=(missing := _BreakingBodies(s3_client, 0, None))).get_bytes("nope")
+    assert missing.requests == 1
