@@ -56,16 +56,17 @@ def test_the_data_and_model_failures_are_permanent_the_io_ones_are_not():
     from petdet_tasks.export import ExportError
     from petdet_tasks.fetch import ChecksumMismatch, FetchError
     from petdet_tasks.label_map import LabelMapError
-    from petdet_tasks.manifest import LeaseLost
+    from petdet_tasks.manifest import LeaseLost, UnreadableManifest
     from petdet_tasks.pipeline_config import PbtxtError
     from petdet_tasks.registry import RegistryError
-    from petdet_tasks.safe_tar import UnsafeArchiveError
+    from petdet_tasks.safe_tar import ArchiveTooLarge, DamagedArchive, UnsafeArchiveError
     from petdet_tasks.store import NotFound, StoreError
     from petdet_tasks.tfrecords import DataQualityError, ShardWorkerError
     from petdet_tasks.train import TrainingDiverged
 
     permanent = [DataQualityError, TrainingDiverged, LabelMapError, UnsafeArchiveError,
-                 DatasetLayoutError, ExportError, PbtxtError, RegistryError]
+                 DatasetLayoutError, ExportError, PbtxtError, RegistryError, DamagedArchive,
+                 ArchiveTooLarge, UnreadableManifest]
     # a store or network failure, a corrupt transfer, a lost lease, a killed worker: a retry
     # may pass
     retryable = [StoreError, NotFound, FetchError, ChecksumMismatch, LeaseLost,
