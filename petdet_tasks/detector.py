@@ -14,8 +14,10 @@
   task and loads backbone + FPN weights; the box head is copied over from the full preset
   (keras-hub 0.32 does not load it when the class count changes); the new classification head
   gets the focal-loss prior bias (0.32 puts that prior on the box head, so a fresh class head
-  would start at score 0.5 everywhere and its first losses run high); optionally the
-  backbone's image encoder (the ResNet) is frozen.
+  would start at score 0.5 everywhere and its first losses run high); the input keeps the
+  preset's normalisation (its image converter's scale and offset: ImageNet mean/std for the
+  COCO preset) at petdet's input size; optionally the backbone's image encoder (the ResNet)
+  is frozen. The fine-tuned preset saves that preprocessor, so export serves the same pixels.
 
 ``preset`` may be a keras-hub preset name (``retinanet_resnet50_fpn_coco``), a ``kaggle://``
 handle, or a local directory. TensorFlow/keras-hub are imported when these functions run.
@@ -49,11 +51,38 @@ def _keras_hub():
     return keras_hub
 
 
-def _preprocessor(image_size: int):
+def _preprocessor(image_size: int, scale=1 / 255.0, offset=None):
+    """The preprocessor petdet trains and serves with: exactly ``image_size`` square in (the
+    input pipeline letterboxes; the resize is a no-op), ``pixel * scale + offset`` out. The
+    default (0..1 pixels) is what :func:`build_detector` trains from scratch; a fine-tune
+    passes the starting preset's own normalisation (:func:`normalisation`)."""
     kh = _keras_hub()
     converter = kh.layers.RetinaNetImageConverter(image_size=(image_size, image_size),
-                                                  scale=1 / 255.0)
+                                                  scale=scale, offset=offset)
     return kh.models.RetinaNetObjectDetectorPreprocessor(image_converter=converter)
+
+
+def _plain(value):
+    """A converter's scale/offset as JSON-able Python: None, a float, or a list of floats."""
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value]
+    except TypeError:
+        return float(value)
+
+
+def normalisation(detector) -> tuple:
+    """``(scale, offset)`` of ``detector``'s image converter: what its backbone was trained to
+    see (``pixel * scale + offset``). keras-hub's COCO RetinaNet normalises with the ImageNet
+    statistics per channel (scale ``1/255/std``, offset ``-mean/std``); a petdet-made preset
+    says ``1/255`` and no offset. A model without a converter gets ``(1/255, None)``."""
+    converter = getattr(getattr(detector, "preprocessor", None), "image_converter", None)
+    if converter is None:
+        log.warning("the model has no image converter: assuming 0..1 input pixels (scale "
+                    "1/255, no offset)")
+        return 1 / 255.0, None
+    return _plain(converter.scale), _plain(converter.offset)
 
 
 def set_score_threshold(detector, threshold: float = SCORE_THRESHOLD,
@@ -221,7 +250,8 @@ def save_preset(detector, path: str | os.PathLike, *, image_size: int) -> Path:
     keras.mixed_precision.set_global_policy("float32")
     try:
         f32 = load_preset(staging, dtype="float32")
-        f32.preprocessor = _preprocessor(image_size)
+        # the trained model's own normalisation (the starting preset's), rebuilt in float32
+        f32.preprocessor = _preprocessor(image_size, *normalisation(detector))
         set_score_threshold(f32)
         f32.save_to_preset(str(path))
     finally:
@@ -248,8 +278,12 @@ def load_for_finetune(preset: str | os.PathLike, num_classes: int, *, image_size
         set_prior_bias(detector)
         log.info("preset %s: backbone, FPN and box head loaded; new %d-class head (was %d)",
                  preset, num_classes, full.num_classes)
-    # feed exactly image_size x image_size: the input pipeline letterboxes, nothing resizes
-    detector.preprocessor = _preprocessor(image_size)
+    # feed exactly image_size x image_size (the input pipeline letterboxes, nothing resizes),
+    # normalised as the preset's backbone was trained (COCO: ImageNet mean/std per channel):
+    # its converter's scale and offset, not its size or resize settings
+    scale, offset = normalisation(full)
+    detector.preprocessor = _preprocessor(image_size, scale, offset)
+    log.info("input normalisation from the preset: pixel * %s + %s", scale, offset)
     set_score_threshold(detector)
     detector.backbone.image_encoder.trainable = not freeze_backbone
     if freeze_backbone:
