@@ -160,8 +160,11 @@ with DAG(
         "batch_size": Param(None, type=["null", "integer"], minimum=1,
                             title="Batch size per replica",
                             description="Empty: the config file's, else 8."),
-        "image_size": Param(None, type=["null", "integer"], minimum=64, maximum=1536,
-                            multipleOf=32, title="Model input size (px)",
+        # 64 or a multiple of 128 (train_config.valid_image_size: keras-hub's P6/P7 anchors
+        # sit on the feature grid only there): a drop-down of every size training accepts
+        "image_size": Param(None, type=["null", "integer"],
+                            enum=[None, 64, *range(128, 1537, 128)],
+                            title="Model input size (px)",
                             description="Empty: the config file's, else 384."),
         "optimizer": Param(None, type=["null", "string"], enum=[None, "sgd", "adam"],
                            title="Optimizer", description="Empty: the config file's, else sgd."),

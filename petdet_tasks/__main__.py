@@ -135,13 +135,12 @@ def _non_negative_int(text: str) -> int:
 def _image_size(text: str) -> int:
     """A size training accepts (train_config's rule), refused here rather than by the first
     training run on the preset."""
-    from petdet_tasks.train_config import IMAGE_SIZE_MAX, IMAGE_SIZE_MIN, IMAGE_SIZE_MULTIPLE
+    from petdet_tasks.train_config import image_size_problem
 
     value = _int_at_least(text, 1)
-    if not IMAGE_SIZE_MIN <= value <= IMAGE_SIZE_MAX or value % IMAGE_SIZE_MULTIPLE:
-        raise argparse.ArgumentTypeError(
-            f"expected a multiple of {IMAGE_SIZE_MULTIPLE} in [{IMAGE_SIZE_MIN}, "
-            f"{IMAGE_SIZE_MAX}], got {value}")
+    problem = image_size_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 

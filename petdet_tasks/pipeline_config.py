@@ -24,14 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from petdet_tasks.train_config import (
+    COLOR_JITTER_MAX,
     DEFAULT_PRESET,
-    IMAGE_SIZE_MAX,
-    IMAGE_SIZE_MIN,
-    IMAGE_SIZE_MULTIPLE,
+    IMAGE_SIZE_RULE,
+    IMAGE_SIZE_WHY,
     Augmentation,
     ConfigError,
     LRSchedule,
     TrainConfig,
+    nearest_image_size,
 )
 
 __all__ = ["Conversion", "PbtxtError", "convert", "main_from_pipeline", "parse_pbtxt"]
@@ -326,8 +327,12 @@ def _under(path: str, prefix: str) -> bool:
 
 
 def _round_size(x: float) -> int:
-    size = int(math.floor(x / IMAGE_SIZE_MULTIPLE + 0.5)) * IMAGE_SIZE_MULTIPLE
-    return min(max(size, IMAGE_SIZE_MIN), IMAGE_SIZE_MAX)
+    """The nearest size training accepts (:func:`~petdet_tasks.train_config.nearest_image_size`:
+    64 or a multiple of 128, for keras-hub's anchor grid)."""
+    return nearest_image_size(x)
+
+
+_ROUNDED = f"the nearest {IMAGE_SIZE_RULE}: {IMAGE_SIZE_WHY}"
 
 
 class _Converter:
@@ -475,8 +480,8 @@ class _Converter:
             if "max_dimension" not in node:
                 self.warn(f"{kp}.max_dimension: not set; the OD API default {maxd} is used")
             elif size != maxd:
-                self.warn(f"{kp}.max_dimension={maxd}: rounded to image_size={size} (a multiple "
-                          f"of {IMAGE_SIZE_MULTIPLE} in [{IMAGE_SIZE_MIN}, {IMAGE_SIZE_MAX}])")
+                self.warn(f"{kp}.max_dimension={maxd}: rounded to image_size={size} "
+                          f"({_ROUNDED})")
             if "min_dimension" in node:
                 self.warn(f"{kp}.min_dimension={mind}: not used; petdet resizes the longest side "
                           f"to image_size={size} and letterboxes (pads) the image to a square "
@@ -496,11 +501,13 @@ class _Converter:
             self.kw.update(keep_aspect_ratio=False, image_size=size)
             self.map(kp if not node else f"{kp}.height", f"{kp}.width")
             if h != w:
+                rounded = (f" (the larger side {max(h, w)} rounded to {_ROUNDED})"
+                           if size != max(h, w) else "")
                 self.warn(f"{kp}: height={h} width={w} is not square; petdet stretches images to "
-                          f"a square {size}x{size} input")
+                          f"a square {size}x{size} input{rounded}")
             elif size != h:
-                self.warn(f"{kp}: height={h} width={w} rounded to image_size={size} (a multiple "
-                          f"of {IMAGE_SIZE_MULTIPLE} in [{IMAGE_SIZE_MIN}, {IMAGE_SIZE_MAX}])")
+                self.warn(f"{kp}: height={h} width={w} rounded to image_size={size} "
+                          f"({_ROUNDED})")
         else:
             self.warn(f"{kp}: not supported; petdet resizes the longest side to image_size="
                       f"{TrainConfig.image_size} and letterboxes to a square input", kp)
@@ -771,15 +778,18 @@ class _Converter:
                 elif kind in _COLOR_OPTIONS:
                     s = self.color_strength(kind, node, kp)
                     colors.append(s)
+                    capped = (f"; {s:g} capped to {COLOR_JITTER_MAX:g}: color_jitter must be "
+                              f"below 1 (at 1 the contrast and saturation factors 1 - strength "
+                              f"reach 0)" if s > COLOR_JITTER_MAX else "")
                     self.warn(f"{kp}: approximated by petdet's single color_jitter strength "
-                              f"{min(s, 1.0):g} (one strength for brightness, contrast, "
-                              f"saturation and hue)", kp)
+                              f"{min(s, COLOR_JITTER_MAX):g} (one strength for brightness, "
+                              f"contrast, saturation and hue){capped}", kp)
                 else:
                     self.warn(f"{kp}: not supported by petdet's augmentation (horizontal flip, "
                               f"scale jitter, color jitter); ignored", kp)
         self.kw["augmentation"] = Augmentation(
             horizontal_flip=flip, scale_jitter=scale,
-            color_jitter=min(max(colors), 1.0) if colors else 0.0)
+            color_jitter=min(max(colors), COLOR_JITTER_MAX) if colors else 0.0)
 
     def color_strength(self, kind: str, node: dict, kp: str) -> float:
         if kind == "random_adjust_brightness":

@@ -33,9 +33,17 @@ log = logging.getLogger(__name__)
 LR_KINDS = ("constant", "manual_step", "cosine")
 OPTIMIZERS = ("sgd", "adam")
 MIXED_PRECISION = ("auto", "on", "off")
-IMAGE_SIZE_MULTIPLE = 32
+IMAGE_SIZE_MULTIPLE = 128
 IMAGE_SIZE_MIN = 64
 IMAGE_SIZE_MAX = 1536
+# keras-hub's AnchorGenerator spaces level-l anchors S // ceil(S / 2**l) px apart: the feature
+# stride 2**l (P3..P7: 8..128) only when S is a multiple of 2**l or the level has one cell. So
+# the anchors sit on the P6/P7 feature grid for S = 64 and multiples of 128, and nowhere else.
+IMAGE_SIZE_RULE = (f"{IMAGE_SIZE_MIN} or a multiple of {IMAGE_SIZE_MULTIPLE} in [{IMAGE_SIZE_MIN}, "
+                   f"{IMAGE_SIZE_MAX}]")
+IMAGE_SIZE_WHY = ("keras-hub's anchor grid matches the P6/P7 feature maps (strides 64, 128) "
+                  f"only at 64 px or multiples of {IMAGE_SIZE_MULTIPLE}")
+COLOR_JITTER_MAX = 0.99  # what the pipeline.config import caps a stronger colour option at
 DEFAULT_PRESET = "retinanet_resnet50_fpn_coco"
 
 # Fields that do not change the trained model: left out of the step's fingerprint.
@@ -111,6 +119,28 @@ def _check_bool(name: str, v: Any) -> str | None:
 def _suggest(word: str, choices) -> str:
     close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def valid_image_size(size: Any) -> bool:
+    """True for the sizes training accepts: 64, or a multiple of 128 in [64, 1536]."""
+    return (_is_int(size) and IMAGE_SIZE_MIN <= size <= IMAGE_SIZE_MAX
+            and (size == IMAGE_SIZE_MIN or size % IMAGE_SIZE_MULTIPLE == 0))
+
+
+def image_size_problem(size: Any) -> str | None:
+    """None for a valid size, else why not: ``expected 64 or a multiple of 128 in [64, 1536]
+    (keras-hub's anchor grid ...), got S``."""
+    if valid_image_size(size):
+        return None
+    what = "an integer, " if not _is_int(size) else ""
+    return f"expected {what}{IMAGE_SIZE_RULE} ({IMAGE_SIZE_WHY}), got {_got(size)}"
+
+
+def nearest_image_size(x: float) -> int:
+    """The valid size nearest to ``x`` (ties go to the larger)."""
+    valid = [IMAGE_SIZE_MIN] + list(range(IMAGE_SIZE_MULTIPLE, IMAGE_SIZE_MAX + 1,
+                                          IMAGE_SIZE_MULTIPLE))
+    return min(valid, key=lambda v: (abs(v - x), -v))
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +261,8 @@ class Augmentation:
         p = prefix + "."
         out = _drop_none([
             _check_bool(p + "horizontal_flip", self.horizontal_flip),
-            _check_num(p + "color_jitter", self.color_jitter, ge=0, le=1),
+            # < 1: at 1 the contrast and saturation factors (1 - strength) can reach 0
+            _check_num(p + "color_jitter", self.color_jitter, ge=0, lt=1),
         ])
         sj = self.scale_jitter
         if (not isinstance(sj, tuple | list) or len(sj) != 2 or not all(map(_is_num, sj))
@@ -277,7 +308,6 @@ class TrainConfig:
     def problems(self) -> list[str]:
         """Every problem, one line each (empty when valid)."""
         out = _drop_none([
-            _check_int("image_size", self.image_size, lo=IMAGE_SIZE_MIN, hi=IMAGE_SIZE_MAX),
             _check_bool("keep_aspect_ratio", self.keep_aspect_ratio),
             _check_int("batch_size", self.batch_size, lo=1),
             _check_choice("optimizer", self.optimizer, OPTIMIZERS),
@@ -293,9 +323,9 @@ class TrainConfig:
             _check_int("seed", self.seed, lo=0),
             _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION),
         ])
-        if _is_int(self.image_size) and self.image_size % IMAGE_SIZE_MULTIPLE:
-            out.append(f"image_size: expected a multiple of {IMAGE_SIZE_MULTIPLE} in "
-                       f"[{IMAGE_SIZE_MIN}, {IMAGE_SIZE_MAX}], got {self.image_size}")
+        size_problem = image_size_problem(self.image_size)
+        if size_problem:
+            out.insert(0, "image_size: " + size_problem)
         if not isinstance(self.preset, str) or not self.preset.strip():
             out.append("preset: expected a keras-hub preset name, kaggle:// handle, local "
                        f"directory or store prefix, got {_got(self.preset)}")

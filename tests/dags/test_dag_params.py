@@ -262,6 +262,19 @@ def test_the_training_config_log_line_shows_no_credentials(dag, trigger_params, 
     assert "SECRETKEY" not in seen + str(e.value)
 
 
+def test_the_image_size_choices_are_the_sizes_training_accepts(trigger_params):
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    from petdet_tasks.train_config import valid_image_size
+
+    choices = trigger_params.get_param("image_size").schema["enum"]
+    assert choices[0] is None and [s for s in range(1, 2000) if valid_image_size(s)] == \
+        choices[1:]
+    for bad in (96, 320, 416):
+        with pytest.raises(ParamValidationError):
+            _validated(trigger_params, {"image_size": bad})
+
+
 def test_whole_number_floats_from_an_api_client_are_the_integers_they_are(dag, trigger_params,
                                                                          tmp_path):
     """JSON Schema's ``integer`` admits 8.0 (a REST client may send it): the form takes it, so

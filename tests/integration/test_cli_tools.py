@@ -36,10 +36,14 @@ def test_make_preset_refuses_what_training_would_refuse(tmp_path, capsys):
     """An image size training cannot use, or negative steps, wrote a preset and exited 0."""
     import pytest
 
-    for args, words in ((["--image-size", "17"], "expected a multiple of 32 in [64, 1536], "
-                                                 "got 17"),
-                        (["--image-size", "100"], "expected a multiple of 32"),
-                        (["--image-size", "2048"], "expected a multiple of 32"),
+    for args, words in ((["--image-size", "17"], "expected 64 or a multiple of 128 in [64, "
+                                                 "1536] (keras-hub's anchor grid matches the "
+                                                 "P6/P7 feature maps (strides 64, 128) only at "
+                                                 "64 px or multiples of 128), got 17"),
+                        (["--image-size", "100"], "expected 64 or a multiple of 128"),
+                        (["--image-size", "96"], "anchor grid"),  # a multiple of 32, not 128
+                        (["--image-size", "320"], "got 320"),
+                        (["--image-size", "2048"], "expected 64 or a multiple of 128"),
                         (["--train-steps", "-3"], "must be at least 0, got -3")):
         with pytest.raises(SystemExit) as e:
             main(["make-preset", str(tmp_path / "preset"), *args])

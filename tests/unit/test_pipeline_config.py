@@ -290,7 +290,8 @@ def test_ssd_fixed_shape_adam_cosine():
     conv = convert(SSD, "ssd.config")
     c = conv.config
     assert c.num_classes == 3
-    assert c.keep_aspect_ratio is False and c.image_size == 288  # 300 → nearest multiple of 32
+    # 300 → 256: the nearest 64 or multiple of 128 (keras-hub's anchor grid)
+    assert c.keep_aspect_ratio is False and c.image_size == 256
     assert c.batch_size == 16 and c.optimizer == "adam" and c.num_steps == 5000
     assert c.learning_rate == LRSchedule(kind="cosine", initial_learning_rate=0.004,
                                          warmup_steps=500, warmup_start_lr=0.0001)
@@ -312,7 +313,8 @@ def test_ssd_fixed_shape_adam_cosine():
 
     w = "\n".join(conv.warnings)
     for needle in ("model.ssd.image_resizer.fixed_shape_resizer: height=300 width=300 rounded "
-                   "to image_size=288",
+                   "to image_size=256 (the nearest 64 or a multiple of 128 in [64, 1536]: "
+                   "keras-hub's anchor grid",
                    "model.ssd.feature_extractor.type='ssd_mobilenet_v2_keras'",
                    "train_config.optimizer.use_moving_average=true: not supported",
                    "train_config.optimizer.moving_average_decay=0.9999",
@@ -391,7 +393,21 @@ def test_absent_fields_follow_od_api_semantics():
 def test_keep_aspect_ratio_rounding_and_clamping():
     conf = ("model {{ ssd {{ image_resizer {{ keep_aspect_ratio_resizer {{ "
             "max_dimension: {} }} }} }} }}")
-    assert convert(conf.format(1000)).config.image_size == 992
+    # the nearest size whose anchors sit on the P6/P7 grid: 64 or a multiple of 128
+    for given, size in ((1000, 1024), (1024, 1024), (300, 256), (320, 384), (192, 256),
+                        (96, 128), (95, 64), (64, 64), (32, 64), (160, 128)):
+        conv = convert(conf.format(given))
+        assert conv.config.image_size == size, given
+        rounded = [w for w in conv.warnings if f"max_dimension={given}: rounded" in w]
+        if size == given:
+            assert not rounded, given
+        else:
+            assert rounded == [f"model.ssd.image_resizer.keep_aspect_ratio_resizer.max_dimension"
+                               f"={given}: rounded to image_size={size} (the nearest 64 or a "
+                               f"multiple of 128 in [64, 1536]: keras-hub's anchor grid matches "
+                               f"the P6/P7 feature maps (strides 64, 128) only at 64 px or "
+                               f"multiples of 128)"], given
+        conv.config.validate()
     conv = convert(conf.format(4000))
     assert conv.config.image_size == 1536
     assert any("max_dimension=4000: rounded to image_size=1536" in w for w in conv.warnings)
@@ -399,6 +415,32 @@ def test_keep_aspect_ratio_rounding_and_clamping():
                    "width: 640 } } } }")
     assert conv.config.image_size == 640 and conv.config.keep_aspect_ratio is False
     assert any("height=320 width=640 is not square" in w for w in conv.warnings)
+    conv = convert("model { ssd { image_resizer { fixed_shape_resizer { height: 320 "
+                   "width: 600 } } } }")
+    assert conv.config.image_size == 640
+    assert any("height=320 width=600 is not square; petdet stretches images to a square "
+               "640x640 input (the larger side 600 rounded to the nearest 64 or a multiple of "
+               "128" in w for w in conv.warnings)
+
+
+def test_color_strength_of_1_or_more_is_capped_below_1():
+    """A contrast option down to 0 (strength 1) or a brightness delta of 1.5: TrainConfig wants
+    color_jitter < 1 (the input pipeline's contrast/saturation factors 1 - s reach 0 at 1), so
+    the import caps at 0.99 and says so; the config it writes validates."""
+    from petdet_tasks.train_config import COLOR_JITTER_MAX
+
+    for option, strength in (("random_adjust_contrast { min_delta: 0.0 max_delta: 2.0 }", 1),
+                             ("random_adjust_brightness { max_delta: 1.5 }", 1.5)):
+        conv = convert(f"train_config {{ data_augmentation_options {{ {option} }} }}")
+        assert conv.config.augmentation.color_jitter == COLOR_JITTER_MAX == 0.99
+        conv.config.validate()
+        assert any(f"approximated by petdet's single color_jitter strength 0.99 (one strength "
+                   f"for brightness, contrast, saturation and hue); {strength:g} capped to "
+                   f"0.99: color_jitter must be below 1" in w for w in conv.warnings), option
+    conv = convert("train_config { data_augmentation_options { random_adjust_brightness { "
+                   "max_delta: 0.99 } } }")
+    assert conv.config.augmentation.color_jitter == 0.99
+    assert not any("capped" in w for w in conv.warnings)
 
 
 def test_preset_like_checkpoint_values():

@@ -136,9 +136,15 @@ def test_merged_overrides_nested_keys_only():
     ({"num_steps": 0}, "num_steps", "integer >= 1, got 0"),
     ({"checkpoint_every_n": 0}, "checkpoint_every_n", ">= 1"),
     ({"log_every_n": -1}, "log_every_n", ">= 1"),
-    ({"image_size": 100}, "image_size", "multiple of 32 in [64, 1536], got 100"),
-    ({"image_size": 32}, "image_size", "in [64, 1536], got 32"),
+    ({"image_size": 100}, "image_size", "64 or a multiple of 128 in [64, 1536] (keras-hub's "
+     "anchor grid matches the P6/P7 feature maps (strides 64, 128) only at 64 px or "
+     "multiples of 128), got 100"),
+    ({"image_size": 96}, "image_size", "64 or a multiple of 128 in [64, 1536]"),
+    ({"image_size": 320}, "image_size", "anchor grid"),
+    ({"image_size": 32}, "image_size", "in [64, 1536] (keras-hub's anchor grid"),
     ({"image_size": 1568}, "image_size", "got 1568"),
+    ({"image_size": 1664}, "image_size", "got 1664"),
+    ({"image_size": "384"}, "image_size", "an integer, 64 or a multiple of 128"),
     ({"momentum": 1.0}, "momentum", "< 1"),
     ({"momentum": -0.1}, "momentum", ">= 0"),
     ({"optimizer": "adamw"}, "optimizer", "'sgd', 'adam', got 'adamw'"),
@@ -173,7 +179,9 @@ def test_merged_overrides_nested_keys_only():
      "0 < lo <= hi"),
     ({"augmentation": Augmentation(scale_jitter=(0.0, 1.0))}, "augmentation.scale_jitter",
      "0 < lo <= hi"),
-    ({"augmentation": Augmentation(color_jitter=1.5)}, "augmentation.color_jitter", "<= 1"),
+    ({"augmentation": Augmentation(color_jitter=1.5)}, "augmentation.color_jitter", "< 1"),
+    ({"augmentation": Augmentation(color_jitter=1.0)}, "augmentation.color_jitter",
+     ">= 0 and < 1, got 1.0"),
     ({"augmentation": Augmentation(horizontal_flip="yes")}, "augmentation.horizontal_flip",
      "true or false"),
 ])
@@ -182,6 +190,36 @@ def test_each_rule_names_field_expected_and_got(changes, field, fragment):
     assert problem.startswith(field + ":"), problem
     assert "expected" in problem and "got" in problem
     assert fragment in problem, problem
+
+
+def test_image_sizes_are_those_whose_anchors_sit_on_the_feature_grid():
+    """keras-hub puts level-l anchors every S // ceil(S / 2**l) px: the stride 2**l only when
+    S is a multiple of 2**l or the level is one cell. For P3..P7 that is S = 64 or k x 128."""
+    from petdet_tasks.train_config import nearest_image_size, valid_image_size
+
+    def anchors_on_grid(s: int) -> bool:
+        return all(s // math.ceil(s / 2**lvl) == 2**lvl or math.ceil(s / 2**lvl) == 1
+                   for lvl in range(3, 8))
+
+    accepted = [s for s in range(1, 2000) if valid_image_size(s)]
+    assert accepted == [64, *range(128, 1537, 128)]
+    assert accepted == [s for s in range(64, 1537, 32) if anchors_on_grid(s)]
+    for s in accepted:
+        TrainConfig(image_size=s).validate()
+        assert nearest_image_size(s) == s
+    assert [nearest_image_size(x) for x in (1, 95, 96, 160, 192, 300, 320, 1000, 4000)] == [
+        64, 64, 128, 128, 256, 256, 384, 1024, 1536]
+
+
+def test_color_jitter_must_stay_below_1_as_the_input_pipeline_wants():
+    from petdet_tasks.train_input import InputConfig
+
+    TrainConfig(augmentation=Augmentation(color_jitter=0.99)).validate()
+    InputConfig(color_jitter=0.99).validate()
+    with pytest.raises(ConfigError, match="color_jitter"):
+        TrainConfig(augmentation=Augmentation(color_jitter=1.0)).validate()
+    with pytest.raises(ValueError, match="color_jitter"):
+        InputConfig(color_jitter=1.0).validate()
 
 
 def test_manual_step_boundaries_beyond_num_steps_are_allowed():
