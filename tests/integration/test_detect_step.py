@@ -3,7 +3,7 @@ images are really annotated, the gallery lists everything, bad inputs are report
 and retried shards write nothing twice; on a local store and on S3 (SeaweedFS).
 
 The model is built once for the module: the synthetic sample → download → tfrecords → a
-30-step fine-tune at 96 px from a tiny preset → export. Its boxes are poor, but a low score
+30-step fine-tune at 64 px from a tiny preset → export. Its boxes are poor, but a low score
 threshold gives every image detections, which is all these tests need."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from petdet_tasks.store import LocalStore, S3Store, Store, StoreError
 from tests.support.pipeline import build_trained
 
 pytestmark = pytest.mark.slow
-SIZE = 96
+SIZE = 64
 LOW = 0.05  # the export's own floor: most images get detections from this weak model
 
 
@@ -630,6 +630,23 @@ class _Counting:
             monkeypatch.setattr(store, name, wrapped)
 
 
+def _assert_same_records(got, want, path: str = "records") -> None:
+    """Equal, but for floats within 1e-5 (of a score or a normalised box coordinate)."""
+    if isinstance(want, float) or isinstance(got, float):
+        assert isinstance(got, int | float) and isinstance(want, int | float), path
+        assert abs(got - want) <= 1e-5, f"{path}: {got} != {want}"
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), path
+        for k in want:
+            _assert_same_records(got[k], want[k], f"{path}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _assert_same_records(g, w, f"{path}[{i}]")
+    else:
+        assert got == want, f"{path}: {got!r} != {want!r}"
+
+
 def _idempotency(store: Store, model_uri: str, images: str, work: Path, monkeypatch) -> None:
     cfg = DetectConfig(score_threshold=LOW, max_boxes=2, num_shards=3, batch_size=2)
     p = plan(store, model_uri, images, cfg)
@@ -655,7 +672,9 @@ def _idempotency(store: Store, model_uri: str, images: str, work: Path, monkeypa
         rel = key[len(p.prefix):]
         assert rel.startswith(("_parts/shard-00001.json", "_parts/shard-00001/")) \
             or rel.split("/", 1)[1].rsplit(".", 1)[0] in shard1, rel
-    assert redo[0]["records"] == first[1]["records"]
+    # the same records; scores and boxes from the model run again may differ in the last
+    # digits (oneDNN's CPU kernels are not bit-reproducible between model loads under load)
+    _assert_same_records(redo[0]["records"], first[1]["records"])
     assert {o.key: o.size for o in store.list(p.prefix)}.keys() == before.keys()
 
     counting.keys.clear()
