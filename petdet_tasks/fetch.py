@@ -31,7 +31,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from petdet_tasks.store import split_authority
+from petdet_tasks.store import fsync_dir, split_authority
 
 __all__ = [
     "ChecksumMismatch",
@@ -535,23 +535,10 @@ def fetch(
     with open(part.path, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(part.path, dest)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     progress.finish(size, digest, attempts, resumed_from)
     return FetchResult(path=dest, size=size, sha256=digest, attempts=attempts,
                        resumed_from=resumed_from)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _copy_local(source: str, part: _Part, *, chunk_size: int, progress: _Progress) -> None:

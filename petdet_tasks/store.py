@@ -354,7 +354,7 @@ class LocalStore(Store):
                 else:
                     os.replace(tmp, dest)
             if durable:
-                _fsync_dir(dest.parent)
+                fsync_dir(dest.parent)
         finally:
             tmp.unlink(missing_ok=True)
         return etag
@@ -606,7 +606,7 @@ def _newest_mtime(entry: os.DirEntry) -> tuple[float, int]:
     return newest, size
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | os.PathLike) -> None:
     """Make a folder's entries (a file just linked/renamed into it) durable; a filesystem that
     cannot fsync a folder is left as it is."""
     try:
