@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -33,6 +34,18 @@ _PORT_FLAGS = (
     "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
     "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc",
 )
+
+
+# what weed mini logs when a port it was given is taken by the time it binds it
+_PORT_TAKEN = re.compile(r"Port allocation failed[^\n]*|bind: address already in use[^\n]*")
+
+
+class _PortTaken(Exception):
+    """weed exited because a port it was given is in use."""
+
+
+class _Exited(RuntimeError):
+    """weed exited while starting."""
 
 
 def _free_ports(n: int) -> list[int]:
@@ -92,10 +105,25 @@ class SeaweedServer:
                           retries={"max_attempts": 5, "mode": "standard"}),
         )
 
-    def start(self) -> SeaweedServer:
+    def start(self, attempts: int = 5) -> SeaweedServer:
+        """Start weed and wait until it serves S3. The free ports it is given are found by
+        binding port 0 and closing the socket, so another process (a second test worker, a
+        second server) can take one before weed binds it: weed then refuses to start ("Port
+        allocation failed"), and it is started again on other ports, ``attempts`` times in all.
+        Any other failure to start is raised at once."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         logdir = self.data_dir.parent / (self.data_dir.name + "-log")
         logdir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(logdir)
+            except _PortTaken as e:
+                taken = e
+                log.warning("weed could not bind a port (%s); attempt %d of %d", e, attempt,
+                            attempts)
+        raise RuntimeError(f"weed could not get free ports in {attempts} attempts: {taken}")
+
+    def _start_once(self, logdir: Path) -> SeaweedServer:
         config = self.data_dir.parent / (self.data_dir.name + "-s3.json")
         config.write_text(json.dumps({"identities": [{
             "name": "petdet",
@@ -112,14 +140,22 @@ class SeaweedServer:
             *(f"-{flag}={port}" for flag, port in ports.items()),
         ]
         self.endpoint = f"http://127.0.0.1:{ports['s3.port']}"
-        out = open(logdir / "weed.stdout", "ab")  # noqa: SIM115 - owned by the process
+        stdout = logdir / "weed.stdout"
+        offset = stdout.stat().st_size if stdout.exists() else 0
+        out = open(stdout, "ab")  # noqa: SIM115 - owned by the process
         self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, start_new_session=True)
         out.close()
         try:
             self._wait_ready()
-        except BaseException:
+        except BaseException as e:
             self.stop()
+            if isinstance(e, _Exited):
+                with open(stdout, "rb") as f:
+                    f.seek(offset)
+                    taken = _PORT_TAKEN.search(f.read().decode(errors="replace"))
+                if taken:
+                    raise _PortTaken(taken.group(0).strip()) from None
             raise
         log.info("SeaweedFS S3 ready at %s (data %s)", self.endpoint, self.data_dir)
         return self
@@ -133,7 +169,7 @@ class SeaweedServer:
         probe = f"_petdet_ready/{secrets.token_hex(4)}"
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(
+                raise _Exited(
                     f"weed exited with code {self._proc.returncode} while starting; see "
                     f"{self.data_dir.parent / (self.data_dir.name + '-log')}"
                 )
