@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 UV_VERSION := 0.13.9
 DEMO_DIR ?= $(CURDIR)/.demo
+# pytest-xdist processes for `make test`, each with its own SeaweedFS, Airflow DB and temp dir;
+# see tests/conftest.py for how tests are grouped and ordered across them
+TEST_WORKERS ?= 2
 
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export PATH := $(CURDIR)/$(BIN):$(PATH)
@@ -30,7 +33,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -94,3 +94,34 @@ def sample_archives(tmp_path_factory):
     out = tmp_path_factory.mktemp("sample")
     summary = make_sample(out)
     return out, summary
+
+
+# `make test` runs the suite in pytest-xdist processes, a test file at a time (--dist loadfile):
+# a file's module fixtures (a trained model, a sample store) are built once and its tests run
+# in order, as in one process. In those processes the heaviest files go first (measured with
+# --durations in one process), so that no process is left with a long one at the end while the
+# other idles; the training tests are split over several files for the same reason.
+_HEAVIEST_FIRST = (
+    "tests/integration/test_train_step.py",
+    "tests/integration/test_train_resume.py",
+    "tests/integration/test_export_evaluate.py",
+    "tests/dags/test_dag_run.py",
+    "tests/integration/test_detect_step.py",
+    "tests/integration/test_train_precision.py",
+    "tests/integration/test_tfrecords_step.py",
+    "tests/dags/test_dag_failures.py",
+    "tests/integration/test_detector.py",
+    "tests/unit/test_docker.py",
+    "tests/integration/test_cli_tools.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):  # not an xdist worker: collection order, as is
+        return
+
+    def rank(item):
+        path = item.nodeid.split("::", 1)[0]
+        return _HEAVIEST_FIRST.index(path) if path in _HEAVIEST_FIRST else len(_HEAVIEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
