@@ -32,17 +32,18 @@ queries = []
 event.listen(Engine, "before_cursor_execute", lambda *a, **k: queries.append(a[2]))
 from airflow.dag_processing.dagbag import DagBag
 
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 import importlib.util
 spec = importlib.util.spec_from_file_location("dagfile", sys.argv[1])
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
-import_s = time.perf_counter() - t0
+import_s, import_cpu_s = time.perf_counter() - t0, time.process_time() - c0
 
 bag = DagBag(dag_folder=sys.argv[1])
 heavy = sorted(m for m in ("tensorflow", "keras", "keras_hub", "boto3", "botocore", "PIL",
                            "lxml", "petdet_tasks.download") if m in sys.modules)
-print(json.dumps({"import_s": import_s, "errors": {k: str(v) for k, v in bag.import_errors.items()},
+print(json.dumps({"import_s": import_s, "import_cpu_s": import_cpu_s,
+                  "errors": {k: str(v) for k, v in bag.import_errors.items()},
                   "dags": sorted(bag.dag_ids), "queries": queries, "connects": attempts,
                   "heavy": heavy}))
 """
@@ -68,7 +69,10 @@ def test_dag_file_parses_cheaply(dag_file):
     assert report["queries"] == [], "DAG parse ran DB queries"
     assert report["connects"] == [], "DAG parse opened network connections"
     assert report["heavy"] == [], f"DAG parse imported heavy modules: {report['heavy']}"
-    assert report["import_s"] < 1.0, f"DAG file import took {report['import_s']:.2f}s"
+    # CPU time, not wall time: the suite runs in parallel processes, and another one's work
+    # (a training on both cores) would lengthen the wall time of this import, not its cost
+    assert report["import_cpu_s"] < 1.0, (f"DAG file import took {report['import_cpu_s']:.2f}s "
+                                          f"of CPU ({report['import_s']:.2f}s of wall time)")
 
 
 @pytest.fixture(scope="module")
