@@ -392,6 +392,13 @@ def count_records(path: str | os.PathLike) -> int:
     return n
 
 
+def _graph_only(fn):
+    """A ``tf.data`` function that autograph need not convert: everything in it is TF ops or
+    Python branching on Python values (the config), so converting its source only costs time
+    (about a second per input pipeline built here)."""
+    return tf.autograph.experimental.do_not_convert(fn)
+
+
 def _training_records(files: list[str], cfg: InputConfig, epoch_size: int, *, skip: int,
                       repeat: bool) -> tf.data.Dataset:
     """The serialized records of the training stream after its first ``skip`` elements.
@@ -406,6 +413,7 @@ def _training_records(files: list[str], cfg: InputConfig, epoch_size: int, *, sk
     seed = cfg.seed
     cycle = min(len(files), MAX_READERS)
 
+    @_graph_only
     def epoch(e):
         order = tf.random.experimental.stateless_shuffle(
             names, seed=tf.stack([tf.constant(seed, tf.int64), e]))
@@ -467,9 +475,11 @@ def make_dataset(paths: Sequence[str | os.PathLike], label_ids: Sequence[int], c
         # element k of the stream draws its augmentation from the stateless seed (seed, k)
         ds = tf.data.Dataset.zip((ds, tf.data.Dataset.counter(skip)))
 
+        @_graph_only
         def _map(serialized, k):
             return _element(serialized, tf.stack([tf.constant(cfg.seed, tf.int64), k]))
     else:
+        @_graph_only
         def _map(serialized):
             return _element(serialized, None)
 
