@@ -16,6 +16,7 @@ import logging
 import sys
 
 from petdet_tasks import __version__
+from petdet_tasks.detector import ARCHS
 from petdet_tasks.errors import PermanentError
 
 
@@ -289,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a small RetinaNet preset made offline, to start training from "
                        "(no download; for trying the steps, not for a real model)")
     m.add_argument("out_dir")
-    m.add_argument("--arch", choices=["tiny", "resnet18", "resnet50"], default="tiny")
+    m.add_argument("--arch", choices=ARCHS, default="tiny")
     m.add_argument("--num-classes", type=_positive_int, default=5,
                    help="its class head (training swaps it for the records' label map)")
     m.add_argument("--image-size", type=_image_size, default=128)

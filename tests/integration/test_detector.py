@@ -144,6 +144,22 @@ def test_the_fine_tuned_preset_keeps_the_normalisation(coco_style_preset, tmp_pa
                                            in zip(PIXEL, MEAN, STD, strict=True)], atol=1e-5)
 
 
+def test_micro_is_tiny_without_the_head_convolutions(tmp_path):
+    """micro (what the test suite trains) predicts straight from the FPN features; its ResNet
+    and FPN are tiny's, and a preset of it fine-tunes like any other."""
+    micro, tiny = build_detector(3, image_size=64, arch="micro"), build_detector(3, image_size=64)
+    for head in ("box_head", "classification_head"):
+        assert len(getattr(micro, head).conv_layers) == 0
+        assert len(getattr(tiny, head).conv_layers) == 2
+    assert [w.shape for w in micro.backbone.weights] == [w.shape for w in tiny.backbone.weights]
+    preset = make_preset(tmp_path / "micro", num_classes=5, image_size=64, arch="micro",
+                         train_steps=1)
+    tuned = load_for_finetune(preset, 3, image_size=64)
+    assert tuned.pre_logits_num_conv_layers == 0 and tuned.num_classes == 3
+    out = tuned.predict(np.zeros((1, 64, 64, 3), "float32"), verbose=0)
+    assert out["boxes"].shape == (1, 100, 4)
+
+
 def test_build_rejects_unknown_arch():
     with pytest.raises(ValueError, match="arch must be one of"):
         build_detector(3, arch="vgg")
