@@ -55,11 +55,11 @@ def _mapped_xcoms(dag_run, task_id, n):
 
 
 @pytest.fixture(scope="module")
-def tiny_preset(tmp_path_factory):
+def micro_preset(tmp_path_factory):
     from petdet_tasks.detector import make_preset
 
-    return make_preset(tmp_path_factory.mktemp("preset") / "tiny", num_classes=4,
-                       image_size=64, train_steps=1)
+    return make_preset(tmp_path_factory.mktemp("preset") / "micro", num_classes=4,
+                       image_size=64, arch="micro", train_steps=1)
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def gpu_pool(airflow_db):
 
 def test_dag_test_runs_the_pipeline_into_s3_then_hits_the_cache(airflow_db, seaweed, s3_client,
                                                                 aws_connection, sample_archives,
-                                                                tiny_preset, gpu_pool, tmp_path,
+                                                                micro_preset, gpu_pool, tmp_path,
                                                                 caplog, capfd, monkeypatch):
     src, summary = sample_archives
     # a download cache of its own: the archive requests below count real downloads
@@ -84,7 +84,7 @@ def test_dag_test_runs_the_pipeline_into_s3_then_hits_the_cache(airflow_db, seaw
     with serve_directory(src) as server:
         conf = {"source": server.url, "store_root": root, "aws_conn_id": aws_connection,
                 "classes": "present", "max_quarantine_fraction": 0.05, "shards": 2,
-                "shard_tasks": 2, "preset": str(tiny_preset), "num_steps": 4,
+                "shard_tasks": 2, "preset": str(micro_preset), "num_steps": 4,
                 "checkpoint_every_n": 2, "image_size": 64, "batch_size": 4,
                 "detect_shards": 2, "detect_tasks": 2, "detection_score_threshold": 0.05}
         run1 = dag.test(run_conf=conf)

@@ -3,7 +3,7 @@ images are really annotated, the gallery lists everything, bad inputs are report
 and retried shards write nothing twice; on a local store and on S3 (SeaweedFS).
 
 The model is built once for the module: the synthetic sample → download → tfrecords → a
-30-step fine-tune at 64 px from a tiny preset → export. Its boxes are poor, but a low score
+30-step fine-tune at 64 px from a micro preset → export. Its boxes are poor, but a low score
 threshold gives every image detections, which is all these tests need."""
 
 from __future__ import annotations

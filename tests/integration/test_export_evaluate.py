@@ -1,4 +1,4 @@
-"""Export, evaluation and promotion on a briefly trained tiny RetinaNet.
+"""Export, evaluation and promotion on a briefly trained micro RetinaNet.
 
 The exported artefacts are checked from the outside, the way their users load them: the
 SavedModel's signatures with ``tf.saved_model.load`` and the frozen graph through a

@@ -20,14 +20,16 @@ SIZE = 128
 
 def make_setup(work: Path):
     """The module setup of the training tests: the sample (6 breeds x 30) downloaded and made
-    into records in a local store, and a tiny 5-class preset to fine-tune from."""
+    into records in a local store, and a micro 5-class preset to fine-tune from (micro: the
+    detector.py arch without head convolutions, 2.4x cheaper a step than tiny)."""
     make_sample(work / "sample", breeds=6, per_breed=30, seed=0)
     store = LocalStore(work / "store")
     dataset = download(store, DownloadConfig(source=str(work / "sample"),
                                              cache_dir=str(work / "cache"))).uri
     records = build(store, dataset, TFRecordConfig(num_shards=2, classes="present",
                                                    max_quarantine_fraction=0.05), workers=1)
-    preset = make_preset(work / "preset", num_classes=5, image_size=SIZE, train_steps=2)
+    preset = make_preset(work / "preset", num_classes=5, image_size=SIZE, arch="micro",
+                         train_steps=2)
     return work, store, records, preset
 
 
