@@ -104,19 +104,19 @@ def sample_archives(tmp_path_factory):
 # `make test` runs the suite in pytest-xdist processes, a test file at a time (--dist loadfile):
 # a file's module fixtures (a trained model, a sample store) are built once and its tests run
 # in order, as in one process. In those processes the heaviest files go first (measured with
-# --durations in one process), so that no process is left with a long one at the end while the
+# --durations under `make test`), so that no process is left with a long one at the end while the
 # other idles; the training tests are split over several files for the same reason.
 _HEAVIEST_FIRST = (
-    "tests/integration/test_train_step.py",
     "tests/integration/test_train_resume.py",
-    "tests/integration/test_export_evaluate.py",
+    "tests/integration/test_train_step.py",
     "tests/dags/test_dag_run.py",
-    "tests/integration/test_detect_step.py",
     "tests/integration/test_train_precision.py",
-    "tests/integration/test_tfrecords_step.py",
-    "tests/dags/test_dag_failures.py",
+    "tests/integration/test_export_evaluate.py",
+    "tests/integration/test_detect_step.py",
     "tests/integration/test_detector.py",
+    "tests/dags/test_dag_failures.py",
     "tests/unit/test_docker.py",
+    "tests/integration/test_tfrecords_step.py",
     "tests/integration/test_cli_tools.py",
 )
 # a renamed or removed file would drop out of the order without a word
