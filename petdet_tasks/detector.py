@@ -38,8 +38,8 @@ SCORE_THRESHOLD = 0.05
 ARCHS = ("micro", "tiny", "resnet18", "resnet50")
 # 3x3 convolutions (256 filters, on every FPN level) in each head before its prediction layer:
 # they are most of the compute of the small models. micro predicts straight from the FPN
-# features: a training step at 128 px costs 0.39 s against tiny's 0.94 s (one thread, batch 8),
-# and on the synthetic pets it learns as well (val recall 0.27-0.50 after the fine-tuning
+# features: its training steps at 128 px run 2.4x as fast as tiny's (benchmarks/archs.py), and
+# on the synthetic pets it learns as well (val recall 0.27-0.50 after the fine-tuning
 # test's 300 steps in 3 runs, tiny 0.23-0.40). The test suite trains it; the demo trains tiny.
 _HEAD_CONVS = {"micro": 0, "tiny": 2, "resnet18": 4, "resnet50": 4}
 _RESNET = {

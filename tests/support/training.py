@@ -21,7 +21,7 @@ SIZE = 128
 def make_setup(work: Path):
     """The module setup of the training tests: the sample (6 breeds x 30) downloaded and made
     into records in a local store, and a micro 5-class preset to fine-tune from (micro: the
-    detector.py arch without head convolutions, 2.4x cheaper a step than tiny)."""
+    detector.py arch without head convolutions, a step 2.4x as fast as tiny's)."""
     make_sample(work / "sample", breeds=6, per_breed=30, seed=0)
     store = LocalStore(work / "store")
     dataset = download(store, DownloadConfig(source=str(work / "sample"),
