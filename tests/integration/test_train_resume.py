@@ -39,8 +39,8 @@ def setup(tmp_path_factory):
 def test_sigkill_then_rerun_resumes_from_the_checkpoint(setup, tmp_path):
     work, store, records, preset = setup
     # 64 px, batch 4: what is tested is the kill and the resume, not the learning. The kill
-    # lands within a second of the step-20 checkpoint; the run could only commit after 20 more
-    # steps and its final evaluation
+    # lands within a second of the step-20 checkpoint (polled every 0.5 s); the run moves
+    # latest.json on or commits only after 20 more steps and its final evaluation (seconds)
     cfg = small_cfg(preset, seed=1, num_steps=40, checkpoint_every_n=20, log_every_n=10)
     cfg_path = tmp_path / "train.json"
     cfg_path.write_text(json.dumps(cfg.to_dict()))
