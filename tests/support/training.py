@@ -19,9 +19,10 @@ SIZE = 128
 
 
 def make_setup(work: Path):
-    """The module setup of the training tests: the sample (6 breeds x 30) downloaded and made
-    into records in a local store, and a micro 5-class preset to fine-tune from (micro: the
-    detector.py arch without head convolutions, a step 2.4x as fast as tiny's)."""
+    """The setup the training tests share (conftest's ``training_setup``): the sample (6 breeds
+    x 30) downloaded and made into records in a local store, and a micro 5-class preset to
+    fine-tune from (micro: the detector.py arch without head convolutions, a step 2.4x as fast
+    as tiny's)."""
     make_sample(work / "sample", breeds=6, per_breed=30, seed=0)
     store = LocalStore(work / "store")
     dataset = download(store, DownloadConfig(source=str(work / "sample"),
@@ -71,15 +72,16 @@ def crash_after(monkeypatch, at: int) -> list[str]:
 
 
 def spy_streams(monkeypatch) -> list[dict]:
-    """Record every training input stream the step builds (its seed and skip)."""
+    """Record every input stream the step builds: a training stream's seed, skip and shards,
+    the validation stream's batch."""
     import petdet_tasks.train_input as train_input
 
     made: list[dict] = []
     original = train_input.make_dataset
 
     def spy(paths, label_ids, cfg, *, training, **kw):
-        if training:
-            made.append({"seed": cfg.seed, "skip": kw.get("skip", 0), "shards": len(paths)})
+        made.append({"seed": cfg.seed, "skip": kw.get("skip", 0), "shards": len(paths)}
+                    if training else {"val_batch": cfg.batch_size})
         return original(paths, label_ids, cfg, training=training, **kw)
 
     monkeypatch.setattr(train_input, "make_dataset", spy)
