@@ -101,6 +101,16 @@ def sample_archives(tmp_path_factory):
     return out, summary
 
 
+@pytest.fixture(scope="session")
+def training_setup(tmp_path_factory):
+    """(work, store, records, preset) of the training tests (tests/support/training.py), built
+    once per test process: the test_train_*.py files read it and train with their own seeds
+    and configs, so each run has its own prefix in the shared store."""
+    from tests.support.training import make_setup
+
+    return make_setup(tmp_path_factory.mktemp("train"))
+
+
 # `make test` runs the suite in pytest-xdist processes, a test file at a time (--dist loadfile):
 # a file's module fixtures (a trained model, a sample store) are built once and its tests run
 # in order, as in one process. In those processes the heaviest files go first (measured with

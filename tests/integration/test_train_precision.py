@@ -14,7 +14,6 @@ from tests.support.training import (
     Crash,
     crash_after,
     latest_pointer,
-    make_setup,
     small_cfg,
     train_cfg,
 )
@@ -22,13 +21,8 @@ from tests.support.training import (
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    return make_setup(tmp_path_factory.mktemp("train"))
-
-
-def test_mixed_precision_auto_resumes_across_machines_with_and_without_gpu(setup, monkeypatch,
-                                                                          caplog):
+def test_mixed_precision_auto_resumes_across_machines_with_and_without_gpu(
+        training_setup, monkeypatch, caplog):
     """mixed_precision='auto' resolves by the machine: a retry on a machine without a GPU
     resumes a checkpoint trained in mixed precision, and the other way round (it failed with
     an InvalidArgumentError, retried forever). latest.json records the precision, the
@@ -37,7 +31,7 @@ def test_mixed_precision_auto_resumes_across_machines_with_and_without_gpu(setup
 
     import petdet_tasks.train as train_module
 
-    work, store, records, preset = setup
+    work, store, records, preset = training_setup
     cfg = small_cfg(preset, seed=61, num_steps=6, mixed_precision="auto")
     gpu = ["/physical_device:GPU:0 (pretended)"]
     try:
@@ -73,14 +67,14 @@ def test_mixed_precision_auto_resumes_across_machines_with_and_without_gpu(setup
 
 
 def test_the_learning_rate_follows_the_training_step_not_the_optimizer_iterations(
-        setup, monkeypatch):
+        training_setup, monkeypatch):
     """Under mixed precision the optimizer's iterations skip the steps whose gradients
     overflowed; the rate followed them while the logs showed lr_at(step). Here the iterations
     are pushed ahead by 100 after the first step (what skips do the other way): every step
     still trains at lr_at(step - 1) and history.jsonl says so."""
     import petdet_tasks.train as train_module
 
-    work, store, records, preset = setup
+    work, store, records, preset = training_setup
     sched = LRSchedule(kind="cosine", initial_learning_rate=0.004, warmup_steps=2,
                        warmup_start_lr=0.0004, alpha=0.1)
     cfg = small_cfg(preset, seed=71, num_steps=6, log_every_n=1, learning_rate=sched)
@@ -106,7 +100,7 @@ def test_the_learning_rate_follows_the_training_step_not_the_optimizer_iteration
     assert [(h["step"], h["lr"]) for h in history] == expected
 
 
-def test_mixed_precision_path_runs_on_cpu(setup):
+def test_mixed_precision_path_runs_on_cpu(training_setup):
     """The GPU configuration (mixed_float16 + loss scaling) forced on: the step counter, the
     checkpoints and the decoding of float16 head outputs all hold; the trained model is saved
     as a float32 preset, which export loads and exports, and which fine-tunes again under
@@ -119,7 +113,7 @@ def test_mixed_precision_path_runs_on_cpu(setup):
     from petdet_tasks.detector import load_for_finetune
     from petdet_tasks.export import export
 
-    work, store, records, preset = setup
+    work, store, records, preset = training_setup
     cfg = train_cfg(preset, image_size=64, batch_size=4, num_steps=4, checkpoint_every_n=2,
                   log_every_n=2, mixed_precision="on",
                   learning_rate=LRSchedule(kind="constant", initial_learning_rate=0.001))

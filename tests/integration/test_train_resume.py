@@ -22,7 +22,6 @@ from tests.support.training import (
     checkpoint_files,
     crash_after,
     event_steps,
-    make_setup,
     small_cfg,
     spy_streams,
     train_cfg,
@@ -31,13 +30,8 @@ from tests.support.training import (
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    return make_setup(tmp_path_factory.mktemp("train"))
-
-
-def test_sigkill_then_rerun_resumes_from_the_checkpoint(setup, tmp_path):
-    work, store, records, preset = setup
+def test_sigkill_then_rerun_resumes_from_the_checkpoint(training_setup, tmp_path):
+    work, store, records, preset = training_setup
     # 64 px, batch 4: what is tested is the kill and the resume, not the learning. The kill
     # lands within a second of the step-20 checkpoint (polled every 0.5 s); the run moves
     # latest.json on or commits only after 20 more steps and its final evaluation (seconds)
@@ -48,13 +42,18 @@ def test_sigkill_then_rerun_resumes_from_the_checkpoint(setup, tmp_path):
            "--tfrecords", records.uri, "--config", str(cfg_path),
            "--cache-dir", str(tmp_path / "cache")]
     env = {**os.environ, "PETDET_TRAIN_LEASE_TTL_S": "3"}
+
+    def uncommitted_pointers() -> set[str]:
+        return {o.key for o in store.list("training/") if o.key.endswith("latest.json")
+                and read_manifest(store, o.key.rsplit("checkpoints/", 1)[0]) is None}
+
+    others = uncommitted_pointers()  # the store is shared with the other training tests
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              start_new_session=True)
     deadline = time.monotonic() + 300
     latest = None
     while time.monotonic() < deadline and first.poll() is None:
-        found = [o.key for o in store.list("training/") if o.key.endswith("latest.json")
-                 and read_manifest(store, o.key.rsplit("checkpoints/", 1)[0]) is None]
+        found = sorted(uncommitted_pointers() - others)
         if found:
             latest = found[0]
             break
@@ -79,14 +78,14 @@ def test_sigkill_then_rerun_resumes_from_the_checkpoint(setup, tmp_path):
     assert not any(k.startswith("checkpoints/ckpt-20") for k in manifest["files"])
 
 
-def test_one_input_stream_per_run_and_a_resumed_run_continues_it(setup, monkeypatch):
+def test_one_input_stream_per_run_and_a_resumed_run_continues_it(training_setup, monkeypatch):
     """Every checkpoint interval used to build a fresh input stream, which started each shard
     at its first record again: the heads of the shards were all a training ever saw. A run
     reads one stream through all its intervals, and a resumed run continues it: it skips
     what the checkpoint's steps drew (start x global batch images)."""
     import petdet_tasks.train as train_module
 
-    work, store, records, preset = setup
+    work, store, records, preset = training_setup
     cfg = train_cfg(preset, image_size=64, batch_size=4, num_steps=6, checkpoint_every_n=2,
                   log_every_n=2, seed=21,
                   learning_rate=LRSchedule(kind="constant", initial_learning_rate=0.001))
@@ -95,24 +94,27 @@ def test_one_input_stream_per_run_and_a_resumed_run_continues_it(setup, monkeypa
     crash_after(monkeypatch, 4)
     with pytest.raises(Crash):
         train(store, records.uri, cfg, cache_dir=work / "cache")
-    assert made == [{"seed": 21, "skip": 0, "shards": 2}], "one stream for steps 0..4"
+    # the held-out recall's stream batches 4x the training batch (its eager calls are few)
+    assert made == [{"val_batch": 16}, {"seed": 21, "skip": 0, "shards": 2}], \
+        "one stream for steps 0..4"
     monkeypatch.setattr(train_module._Checkpointer, "save", original_save)
     result = train(store, records.uri, cfg, cache_dir=work / "cache")
     assert result.outputs["resumed_from"] == 4 and result.outputs["steps"] == 6
-    assert made[1:] == [{"seed": 21, "skip": 4 * 4, "shards": 2}], "continued, not restarted"
+    assert made[2:] == [{"val_batch": 16}, {"seed": 21, "skip": 4 * 4, "shards": 2}], \
+        "continued, not restarted"
     latest = json.loads(store.read_text(step_prefix("train", result.fingerprint)
                                         + "checkpoints/latest.json"))
     assert latest["step"] == 6 and latest["examples"] == 6 * 4
 
 
 @pytest.mark.parametrize("where", ["final-files", "final-pointer", "cleanup"])
-def test_a_stop_inside_the_final_checkpoint_leaves_a_run_that_completes(setup, monkeypatch,
-                                                                       where):
+def test_a_stop_inside_the_final_checkpoint_leaves_a_run_that_completes(training_setup,
+                                                                       monkeypatch, where):
     """Stopped while the last checkpoint is written — before its files, before latest.json
     moves to it, while the older ones are deleted — the retry completes. (The older
     checkpoints were deleted first: latest.json pointed at deleted files and every retry
     failed with NotFoundError.)"""
-    work, store, records, preset = setup
+    work, store, records, preset = training_setup
     cfg = small_cfg(preset, seed={"final-files": 31, "final-pointer": 32, "cleanup": 33}[where])
     final = "ckpt-4."
     put_file, put_bytes, delete = store.put_file, store.put_bytes, store.delete
@@ -149,11 +151,11 @@ def test_a_stop_inside_the_final_checkpoint_leaves_a_run_that_completes(setup, m
         "checkpoints/latest.json"}
 
 
-def test_a_pointer_to_missing_files_falls_back_to_a_complete_checkpoint(setup, monkeypatch,
-                                                                        caplog):
+def test_a_pointer_to_missing_files_falls_back_to_a_complete_checkpoint(training_setup,
+                                                                        monkeypatch, caplog):
     """A prefix whose latest.json names deleted files (what the old final cleanup left) resumes
     from the newest complete checkpoint, or from step 0 when none is left, with a warning."""
-    work, store, records, preset = setup
+    work, store, records, preset = training_setup
     cfg = small_cfg(preset, seed=34, num_steps=6)
     prefixes = crash_after(monkeypatch, 4)
     with pytest.raises(Crash):
@@ -182,7 +184,8 @@ def test_a_pointer_to_missing_files_falls_back_to_a_complete_checkpoint(setup, m
     assert "no complete checkpoint is left; training from step 0" in caplog.text
 
 
-def test_a_lost_lease_stops_training_before_it_touches_the_prefix_again(setup, monkeypatch):
+def test_a_lost_lease_stops_training_before_it_touches_the_prefix_again(training_setup,
+                                                                        monkeypatch):
     """Another attempt took the lease over (this one's renewals failed past the expiry): this
     writer stops at the next batch, writing or deleting no checkpoint after that. (It trained
     to the end, overwrote the checkpoints and deleted the other attempt's in its final
@@ -190,7 +193,7 @@ def test_a_lost_lease_stops_training_before_it_touches_the_prefix_again(setup, m
     import petdet_tasks.train as train_module
     from petdet_tasks.manifest import LeaseLost
 
-    work, store, records, preset = setup
+    work, store, records, preset = training_setup
     cfg = small_cfg(preset, seed=41, num_steps=6)
     original_save = train_module._Checkpointer.save
     lost = []
@@ -234,7 +237,7 @@ def test_a_lost_lease_stops_training_before_it_touches_the_prefix_again(setup, m
     assert steps == [1, 2, 3], "stopped at the first batch after the loss"
 
 
-def test_a_retry_after_the_final_checkpoint_commits_the_whole_history(setup, monkeypatch):
+def test_a_retry_after_the_final_checkpoint_commits_the_whole_history(training_setup, monkeypatch):
     """Stopped after step 2's checkpoint, then again after the final checkpoint (while the
     outputs were uploaded): the committed history.jsonl, TensorBoard logs and final loss are
     the whole run's. (history.jsonl went with the intermediate checkpoints only and logs/
@@ -242,7 +245,7 @@ def test_a_retry_after_the_final_checkpoint_commits_the_whole_history(setup, mon
     loss as the final one.)"""
     from petdet_tasks.manifest import StepWriter
 
-    work, store, records, preset = setup
+    work, store, records, preset = training_setup
     cfg = small_cfg(preset, seed=51, log_every_n=1)
     crash_after(monkeypatch, 2)
     with pytest.raises(Crash):
