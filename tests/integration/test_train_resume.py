@@ -22,6 +22,7 @@ from tests.support.training import (
     checkpoint_files,
     crash_after,
     event_steps,
+    latest_pointer,
     small_cfg,
     spy_streams,
     train_cfg,
@@ -107,20 +108,23 @@ def test_one_input_stream_per_run_and_a_resumed_run_continues_it(training_setup,
     assert latest["step"] == 6 and latest["examples"] == 6 * 4
 
 
-@pytest.mark.parametrize("where", ["final-files", "final-pointer", "cleanup"])
-def test_a_stop_inside_the_final_checkpoint_leaves_a_run_that_completes(training_setup,
-                                                                       monkeypatch, where):
-    """Stopped while the last checkpoint is written — before its files, before latest.json
-    moves to it, while the older ones are deleted — the retry completes. (The older
-    checkpoints were deleted first: latest.json pointed at deleted files and every retry
-    failed with NotFoundError.)"""
+def test_stops_inside_the_final_checkpoint_leave_a_run_that_completes(training_setup,
+                                                                      monkeypatch, caplog):
+    """Stopped while the last checkpoint is written — before its files; the retry, before
+    latest.json moves to it; the next retry, while the older ones are deleted — each retry
+    resumes from what the store holds, and the last one completes. (The older checkpoints
+    were deleted first: latest.json pointed at deleted files and every retry failed with
+    NotFoundError.)"""
     work, store, records, preset = training_setup
-    cfg = small_cfg(preset, seed={"final-files": 31, "final-pointer": 32, "cleanup": 33}[where])
+    cfg = small_cfg(preset, seed=31)
     final = "ckpt-4."
     put_file, put_bytes, delete = store.put_file, store.put_bytes, store.delete
+    where = None
+    prefixes = []
 
     def crash_put_file(key, path, **kw):
         if where == "final-files" and f"checkpoints/{final}" in key:
+            prefixes.append(key.rsplit("checkpoints/", 1)[0])
             raise Crash(key)
         return put_file(key, path, **kw)
 
@@ -138,12 +142,28 @@ def test_a_stop_inside_the_final_checkpoint_leaves_a_run_that_completes(training
     monkeypatch.setattr(store, "put_file", crash_put_file)
     monkeypatch.setattr(store, "put_bytes", crash_put_bytes)
     monkeypatch.setattr(store, "delete", crash_delete)
-    with pytest.raises(Crash):
-        train(store, records.uri, cfg, cache_dir=work / "cache")
+    # (where it stops, the step it resumes from, the files and pointer it leaves behind)
+    attempts = [
+        ("final-files", 0, {"ckpt-2.index"}, 2),
+        ("final-pointer", 2, {"ckpt-2.index", "ckpt-4.index"}, 2),
+        ("cleanup", 2, {"ckpt-2.index", "ckpt-4.index"}, 4),
+    ]
+    for where, resumed, indexes, pointer in attempts:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="petdet_tasks.train"):
+            with pytest.raises(Crash):
+                train(store, records.uri, cfg, cache_dir=work / "cache")
+        started = (f"resuming from the checkpoint at step {resumed} of 4" if resumed
+                   else "training steps 0..4")
+        assert started in caplog.text, (where, caplog.text[-2000:])
+        listed = {o.key.rsplit("/", 1)[1] for o in store.list(prefixes[0] + "checkpoints/")}
+        assert {f for f in listed if f.endswith(".index")} == indexes, where
+        assert latest_pointer(store, prefixes[0])["step"] == pointer, where
+        assert read_manifest(store, prefixes[0]) is None, where
     monkeypatch.undo()
     result = train(store, records.uri, cfg, cache_dir=work / "cache")
     assert not result.cache_hit and result.outputs["steps"] == 4
-    assert result.outputs["resumed_from"] == (2 if where != "cleanup" else 4)
+    assert result.outputs["resumed_from"] == 4
     assert checkpoint_files(store, result) == [
         "ckpt-4.data-00000-of-00001", "ckpt-4.index", "latest.json"]
     assert {k for k in result.manifest["files"] if k.startswith("checkpoints/")} == {
