@@ -41,9 +41,9 @@ os.environ.update({
     "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME}/airflow.db",
     "PETDET_CACHE_DIR": str(_AIRFLOW_HOME / "petdet-cache"),
 })
-# In `make test`'s pytest-xdist processes (one per core), TensorFlow runs each op on one thread:
-# its default pool of one thread per core in every process puts two trainings' threads on each
-# core, and their hand-offs and spinning cost CPU that neither gets.
+# In `make test`'s pytest-xdist processes (three on two cores), TensorFlow runs each op on one
+# thread: its default pool of one thread per core in every process puts several trainings'
+# threads on each core, and their hand-offs and spinning cost CPU that none of them gets.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 for _var in [v for v in os.environ if v.startswith("AWS_")]:
