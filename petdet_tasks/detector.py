@@ -280,12 +280,7 @@ def load_for_finetune(preset: str | os.PathLike, num_classes: int, *, image_size
         detector = full
         log.info("preset %s already has %d classes: loaded whole", preset, num_classes)
     else:
-        # the loaded backbone (ResNet + FPN, weights and all) under new heads, from the
-        # preset's own task config: from_preset(num_classes=...) would build and load it again
-        config = full.get_config()
-        config.update(backbone=full.backbone, preprocessor=full.preprocessor,
-                      num_classes=num_classes)
-        detector = type(full).from_config(config)
+        detector = load_preset(preset, num_classes=num_classes)
         detector.box_head.set_weights(full.box_head.get_weights())
         set_prior_bias(detector)
         log.info("preset %s: backbone, FPN and box head loaded; new %d-class head (was %d)",
