@@ -15,9 +15,7 @@ import pytest
 from petdet_tasks.layout import step_prefix
 from petdet_tasks.train import TrainingDiverged, learning_rate_schedule, train
 from petdet_tasks.train_config import LRSchedule, TrainConfig
-from tests.support.training import (
-    train_cfg,
-)
+from tests.support.training import train_cfg
 
 pytestmark = pytest.mark.slow
 
