@@ -8,9 +8,10 @@ JPEGs, through the real download and tfrecords steps into a temporary local stor
    after a warm-up);
 2. the same pipeline made sequential (``parallel=False``: no interleave, one map call at a
    time, no prefetch, tf.data's automatic map parallelisation off);
-3. images/s of real training steps: ``det.fit(dataset, steps_per_epoch=K, epochs=1)`` on a
-   small keras-hub RetinaNet (``--resnet50``: also a ResNet-50 layout) after a warm-up fit
-   (the first call traces), and the same steps on one batch held in memory (no input cost);
+3. images/s of real training steps: ``det.fit(dataset, steps_per_epoch=K, epochs=1)`` on
+   ``petdet_tasks.detector``'s ``tiny`` RetinaNet (``--resnet50``: also its ``resnet50``)
+   after a warm-up fit (the first call traces), and the same steps on one batch held in
+   memory (no input cost);
 
 plus a per-stage cost breakdown of one element (read+parse, +decode, +letterbox,
 +augmentation), measured sequentially. Prints images/s for each, the ratios (goals:
@@ -131,37 +132,26 @@ def stage_costs(paths: list[Path], ids: list[int], cfg: InputConfig, n: int) -> 
     return out
 
 
-def build_detector(num_classes: int, size: int, layout: str):
+def build_detector(num_classes: int, size: int, arch: str):
+    """The detector ``petdet_tasks.detector`` builds for ``arch`` (what ``--arch`` trains from
+    scratch), compiled with a plain SGD."""
     import keras
-    import keras_hub
 
-    if layout == "resnet50":
-        filters, blocks, block = [64, 128, 256, 512], [3, 4, 6, 3], "bottleneck_block"
-    else:
-        filters, blocks, block = [64, 64, 64, 64], [1, 1, 1, 1], "basic_block"
-    enc = keras_hub.models.ResNetBackbone(
-        input_conv_filters=[64], input_conv_kernel_sizes=[7], stackwise_num_filters=filters,
-        stackwise_num_blocks=blocks, stackwise_num_strides=[1, 2, 2, 2], block_type=block,
-        use_pre_activation=False, image_shape=(None, None, 3))
-    bb = keras_hub.models.RetinaNetBackbone(image_encoder=enc, min_level=3, max_level=7,
-                                            use_p5=False, image_shape=(None, None, 3))
-    conv = keras_hub.layers.RetinaNetImageConverter(image_size=(size, size), scale=1 / 255.0)
-    det = keras_hub.models.RetinaNetObjectDetector(
-        backbone=bb, num_classes=num_classes,
-        preprocessor=keras_hub.models.RetinaNetObjectDetectorPreprocessor(image_converter=conv))
+    from petdet_tasks.detector import build_detector as build
+
+    det = build(num_classes, image_size=size, arch=arch)
     det.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9, clipnorm=10.0))
     return det
 
 
-
-def time_training(paths, ids, cfg: InputConfig, layout: str, steps: int, warmup: int) -> dict:
+def time_training(paths, ids, cfg: InputConfig, arch: str, steps: int, warmup: int) -> dict:
     """``fit`` after a warm-up fit: on the live pipeline, then on one batch held in memory
     (no input cost at all): equal step times mean the input pipeline costs training nothing."""
-    det = build_detector(len(ids), cfg.image_size, layout)
+    det = build_detector(len(ids), cfg.image_size, arch)
     ds = make_dataset(paths, ids, cfg, training=True)
     t = time.perf_counter()
     det.fit(ds, steps_per_epoch=warmup, epochs=1, verbose=0)
-    print(f"# {layout}: warm-up fit ({warmup} steps, tracing) {time.perf_counter() - t:.1f}s",
+    print(f"# {arch}: warm-up fit ({warmup} steps, tracing) {time.perf_counter() - t:.1f}s",
           flush=True)
     with Meter() as live:
         det.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
@@ -184,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeat", type=int, default=3, help="pipeline timings (best kept)")
     ap.add_argument("--train-steps", type=int, default=4)
     ap.add_argument("--train-warmup", type=int, default=2)
-    ap.add_argument("--resnet50", action="store_true", help="also time a ResNet-50 layout")
+    ap.add_argument("--resnet50", action="store_true", help="also time the resnet50 arch")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                     help="before the pipeline timings wait up to S seconds for the machine to "
                          "be idle (a shared machine)")
@@ -224,19 +214,19 @@ def main(argv: list[str] | None = None) -> dict:
                   f"other processes: {fmt_load(r['other_load_cores'])})", flush=True)
         par, seq = runs["parallel"]["images_per_s"], runs["sequential"]["images_per_s"]
 
-        layouts = ["small"] + (["resnet50"] if args.resnet50 else [])
+        archs = ["tiny"] + (["resnet50"] if args.resnet50 else [])
         train = {}
-        for layout in layouts:
+        for arch in archs:
             quiet()
-            r = time_training(paths, ids, cfg, layout, args.train_steps, args.train_warmup)
-            train[layout] = {k: None if v is None else round(v, 3) for k, v in r.items()}
-            print(f"(3) training ({layout}): {r['images_per_s']:8.2f} images/s, "
+            r = time_training(paths, ids, cfg, arch, args.train_steps, args.train_warmup)
+            train[arch] = {k: None if v is None else round(v, 3) for k, v in r.items()}
+            print(f"(3) training ({arch}): {r['images_per_s']:8.2f} images/s, "
                   f"{r['step_s']:.2f} s/step (batch {args.batch_size}, {args.image_size} px; "
                   f"{r['step_s_batch_in_memory']:.2f} s/step on a batch held in memory; other "
                   f"processes: {fmt_load(r['other_load_cores'])})", flush=True)
 
     r12 = par / seq
-    r13 = par / train["small"]["images_per_s"]
+    r13 = par / train["tiny"]["images_per_s"]
     busy = max((r["other_load_cores"] or 0.0) for r in runs.values())
     if busy > 0.25:
         print(f"WARNING: other processes kept {busy:.2f} of {os.cpu_count()} cores busy during "
