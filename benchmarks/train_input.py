@@ -133,8 +133,8 @@ def stage_costs(paths: list[Path], ids: list[int], cfg: InputConfig, n: int) -> 
 
 
 def build_detector(num_classes: int, size: int, arch: str):
-    """The detector ``petdet_tasks.detector`` builds for ``arch`` (what ``--arch`` trains from
-    scratch), compiled with a plain SGD."""
+    """The untrained detector ``petdet_tasks.detector`` builds for ``arch`` (the network
+    ``make-preset --arch`` starts from), compiled with a plain SGD."""
     import keras
 
     from petdet_tasks.detector import build_detector as build
